@@ -1,0 +1,48 @@
+"""Batched prompt encoding with a pipeline's CLIP tokenizer and text encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EncodedPrompts:
+    embeds: Tensor  # (B, L, D) last hidden states, as SD's UNet consumes them
+    truncated: list[bool]  # prompt was longer than the tokenizer's max length
+
+
+class PromptEncoder:
+    """Encode prompts to UNet conditioning; the empty prompt is encoded once and cached."""
+
+    def __init__(self, tokenizer, text_encoder, device=None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device if device is not None else text_encoder.device
+        self.max_length = tokenizer.model_max_length
+        self._uncond: Tensor | None = None
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, list[bool]]:
+        """Padded, truncated ids (B, max_length) and which prompts were truncated."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        full = self.tokenizer(list(prompts), truncation=False).input_ids
+        return ids, [len(f) > self.max_length for f in full]
+
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def encode(self, prompts: list[str], batch_size: int | None = None) -> EncodedPrompts:
+        ids, truncated = self.tokenize(prompts)
+        step = batch_size or max(len(prompts), 1)
+        with torch.no_grad():
+            embeds = torch.cat([self.embed_ids(ids[i:i + step]) for i in range(0, len(prompts), step)])
+        return EncodedPrompts(embeds, truncated)
+
+    def uncond(self) -> Tensor:
+        """(1, L, D) embedding of the empty prompt, computed on first use."""
+        if self._uncond is None:
+            self._uncond = self.encode([""]).embeds
+        return self._uncond

@@ -1,0 +1,231 @@
+"""The anisotropy memorization score (arXiv 2601.20642) and Wen et al.'s baselines.
+
+On pure-noise latents ``x_T`` and for a prompt embedding ``c`` (``u`` = empty prompt):
+
+* norm  = ||eps(x_T, t_hi, c) - eps(x_T, t_hi, u)||_2 over C*H*W, at the noisiest timestep;
+* align = mean over H*W of cos_C(eps(x_T, t_lo, u), eps(x_T, t_lo, c) - eps(x_T, t_lo, u)),
+          a channel-axis cosine at each latent position, at a low-noise timestep on the same x_T;
+* score = g1 * norm + g2 * align.
+
+The four UNet evaluations run as one batch ``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]``. Everything is
+differentiable, so the same code serves detection (no_grad) and the training penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PRESETS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
+SPACES = ("eps", "score")
+
+
+@dataclass
+class ScoreOutput:
+    """Per-sample terms, float32 tensors of shape (B,)."""
+
+    norm: Tensor
+    align: Tensor
+    score: Tensor
+
+    def detach(self) -> "ScoreOutput":
+        return ScoreOutput(self.norm.detach(), self.align.detach(), self.score.detach())
+
+
+def ddim_timesteps(scheduler_config, num_inference_steps: int = 50) -> list[int]:
+    """The timesteps of a DDIM sampling run for this scheduler config, noisiest first."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler_config)
+    ddim.set_timesteps(num_inference_steps)
+    return [int(t) for t in ddim.timesteps]
+
+
+def default_timesteps(scheduler_config, num_inference_steps: int = 50) -> tuple[int, int]:
+    """(t_hi, t_lo): first and third-to-last timestep of a 50-step DDIM run (981 and 41 for SD)."""
+    ts = ddim_timesteps(scheduler_config, num_inference_steps)
+    return ts[0], ts[-3]
+
+
+def _bcast(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def to_epsilon(model_output: Tensor, sample: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """Convert a UNet output to the noise prediction eps. ``alpha_bar``: (B,) cumulative alphas."""
+    if prediction_type == "epsilon":
+        return model_output
+    a = _bcast(alpha_bar, sample).sqrt()
+    s = _bcast(1 - alpha_bar, sample).sqrt()
+    if prediction_type == "v_prediction":
+        return a * model_output + s * sample
+    if prediction_type == "sample":
+        return (sample - a * model_output) / s
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def to_score_space(model_output: Tensor, sample: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """Score-space value the paper's released code uses for its SD2 (v-prediction) norm.
+
+    For v-prediction this is ``(sqrt(a_bar) * v - x) / (1 - a_bar)`` exactly as in that code (it
+    puts v where Tweedie's formula has the x0 estimate); for epsilon and sample prediction it is
+    the true score ``-eps / sqrt(1 - a_bar)`` = ``(sqrt(a_bar) * x0 - x) / (1 - a_bar)``.
+    """
+    ab = _bcast(alpha_bar, sample)
+    if prediction_type == "v_prediction":
+        return (ab.sqrt() * model_output - sample) / (1 - ab)
+    return -to_epsilon(model_output, sample, alpha_bar, prediction_type) / (1 - ab).sqrt()
+
+
+def guidance_norm(guidance: Tensor) -> Tensor:
+    """L2 norm of each sample's guidance over all non-batch axes, in float32."""
+    return torch.linalg.vector_norm(guidance.float().flatten(1), dim=1)
+
+
+def channel_alignment(eps_uncond: Tensor, guidance: Tensor) -> Tensor:
+    """Channel-axis cosine between eps_uncond and the guidance at each position, averaged over H*W.
+
+    Positions where either vector is exactly zero contribute 0 (so zero guidance gives align 0).
+    """
+    u, g = eps_uncond.float(), guidance.float()
+    dot = (u * g).sum(dim=1)
+    den = torch.linalg.vector_norm(u, dim=1) * torch.linalg.vector_norm(g, dim=1)
+    nonzero = den > 0
+    cos = torch.where(nonzero, dot / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(dot))
+    return cos.flatten(1).mean(dim=1)
+
+
+def pure_noise_latents(unet, batch_size: int, generator: torch.Generator | None = None,
+                       device=None, height: int | None = None, width: int | None = None) -> Tensor:
+    """Float32 N(0, I) latents of the UNet's input shape, drawn on the generator's device."""
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    shape = (batch_size, cfg.in_channels, height or size, width or size)
+    gen_device = generator.device if generator is not None else "cpu"
+    x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return x.to(device if device is not None else unet.device)
+
+
+class AnisotropyScore:
+    """Callable scorer: ``scorer(latents, cond_embeds, uncond_embeds) -> ScoreOutput``.
+
+    Args:
+        unet, scheduler: a diffusers UNet2DConditionModel and a scheduler with ``alphas_cumprod``.
+        t_hi, t_lo: timesteps of the norm and alignment terms; default first and third-to-last
+            of a 50-step DDIM schedule for this scheduler (981 and 41 for SD).
+        g1, g2: weights of the norm and alignment terms (ignored if ``preset`` is given).
+        preset: "sd1" (g1=1, g2=2) or "sd2" (g1=1, g2=0.1), the paper's weights.
+        prediction_type: overrides the scheduler's (epsilon, v_prediction or sample).
+        space: where the norm term is taken.
+            "eps": on eps predictions (v/sample outputs converted first); the paper's definition,
+                which reproduces its SD1.x results.
+            "score": on score-space differences as in the paper's released SD2 code (see
+                ``to_score_space``); use it to reproduce its SD2.x numbers.
+            The alignment term is always taken on eps.
+        chunk_size: split the 4B-sample UNet batch into chunks of this many samples (bounds memory).
+    """
+
+    def __init__(self, unet, scheduler, t_hi: int | None = None, t_lo: int | None = None,
+                 g1: float = 1.0, g2: float = 2.0, prediction_type: str | None = None,
+                 preset: str | None = None, space: str = "eps", chunk_size: int | None = None):
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            g1, g2 = PRESETS[preset]
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        d_hi, d_lo = default_timesteps(scheduler.config)
+        self.t_hi = int(d_hi if t_hi is None else t_hi)
+        self.t_lo = int(d_lo if t_lo is None else t_lo)
+        n_train = scheduler.config.num_train_timesteps
+        for name, t in (("t_hi", self.t_hi), ("t_lo", self.t_lo)):
+            if not 0 <= t < n_train:
+                raise ValueError(f"{name}={t} is outside the scheduler's [0, {n_train}) timesteps")
+        self.unet = unet
+        self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(torch.float64)
+        self.prediction_type = prediction_type or scheduler.config.prediction_type
+        self.g1, self.g2 = float(g1), float(g2)
+        self.space = space
+        self.chunk_size = chunk_size
+
+    def unet_inputs(self, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor):
+        """The (4B) batch ``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]``: (sample, timesteps, embeddings).
+
+        Exposed so the training penalty can concatenate it onto its own denoising batch.
+        """
+        b = latents.shape[0]
+        if cond_embeds.shape[0] != b:
+            raise ValueError(f"cond_embeds has batch {cond_embeds.shape[0]}, latents have {b}")
+        uncond = uncond_embeds.expand(b, *uncond_embeds.shape[1:]) if uncond_embeds.shape[0] == 1 else uncond_embeds
+        if uncond.shape != cond_embeds.shape:
+            raise ValueError(f"uncond_embeds {tuple(uncond_embeds.shape)} does not broadcast to {tuple(cond_embeds.shape)}")
+        sample = latents.repeat(4, 1, 1, 1)
+        t = torch.tensor([self.t_hi] * (2 * b) + [self.t_lo] * (2 * b), device=latents.device, dtype=torch.long)
+        embeds = torch.cat([uncond, cond_embeds, uncond, cond_embeds])
+        return sample, t, embeds
+
+    def from_unet_output(self, model_output: Tensor, latents: Tensor) -> ScoreOutput:
+        """Score terms from the UNet's output on ``unet_inputs(latents, ...)``; fp32 math."""
+        out = model_output.float()
+        x = latents.float()
+        u_hi, c_hi, u_lo, c_lo = out.chunk(4)
+        ab_hi = self._alpha_bar(self.t_hi, x)
+        ab_lo = self._alpha_bar(self.t_lo, x)
+        if self.space == "eps":
+            diff_hi = to_epsilon(c_hi, x, ab_hi, self.prediction_type) - to_epsilon(u_hi, x, ab_hi, self.prediction_type)
+        else:
+            diff_hi = to_score_space(c_hi, x, ab_hi, self.prediction_type) - to_score_space(u_hi, x, ab_hi, self.prediction_type)
+        eps_u_lo = to_epsilon(u_lo, x, ab_lo, self.prediction_type)
+        eps_c_lo = to_epsilon(c_lo, x, ab_lo, self.prediction_type)
+        norm = guidance_norm(diff_hi)
+        align = channel_alignment(eps_u_lo, eps_c_lo - eps_u_lo)
+        return ScoreOutput(norm=norm, align=align, score=self.g1 * norm + self.g2 * align)
+
+    def __call__(self, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor) -> ScoreOutput:
+        sample, t, embeds = self.unet_inputs(latents, cond_embeds, uncond_embeds)
+        return self.from_unet_output(self.run_unet(sample, t, embeds), latents)
+
+    def run_unet(self, sample: Tensor, timesteps: Tensor, embeds: Tensor) -> Tensor:
+        """One UNet call (or ``chunk_size`` pieces) in the UNet's dtype."""
+        dtype = self.unet.dtype
+        n = sample.shape[0]
+        step = self.chunk_size or n
+        outs = [self.unet(sample[i:i + step].to(dtype), timesteps[i:i + step],
+                          encoder_hidden_states=embeds[i:i + step].to(dtype)).sample for i in range(0, n, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _alpha_bar(self, t: int, like: Tensor) -> Tensor:
+        return self.alphas_cumprod[t].to(device=like.device, dtype=torch.float32).expand(like.shape[0])
+
+
+@torch.no_grad()
+def wen_multistep_norm(unet, scheduler, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor,
+                       steps: int = 1, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                       prediction_type: str | None = None) -> Tensor:
+    """Wen et al. (ICLR'24): mean over the first ``steps`` DDIM steps of ||eps_c - eps_u||.
+
+    A CFG DDIM run from ``latents`` (pure noise); ``steps=1`` is their single-step detector, the
+    norm term at t_hi alone. Returns float32 (B,).
+    """
+    from diffusers import DDIMScheduler
+
+    prediction_type = prediction_type or scheduler.config.prediction_type
+    ddim = DDIMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    ddim.set_timesteps(num_inference_steps, device=latents.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
+    b = latents.shape[0]
+    uncond = uncond_embeds.expand(b, *uncond_embeds.shape[1:]) if uncond_embeds.shape[0] == 1 else uncond_embeds
+    embeds = torch.cat([uncond, cond_embeds]).to(unet.dtype)
+    x = latents.float() * ddim.init_noise_sigma
+    total = torch.zeros(b, device=latents.device)
+    for t in ddim.timesteps[:steps]:
+        out = unet(torch.cat([x, x]).to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
+        out_u, out_c = out.chunk(2)
+        ab = alphas_cumprod[int(t)].expand(b)
+        diff = to_epsilon(out_c, x, ab, prediction_type) - to_epsilon(out_u, x, ab, prediction_type)
+        total += guidance_norm(diff)
+        guided = out_u + guidance_scale * (out_c - out_u)
+        x = ddim.step(guided, t, x).prev_sample
+    return total / steps
