@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) scripts/check_torch.py "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 test: install
+	$(PY) scripts/check_torch.py "$(TORCH_SPEC)"
 	$(PY) -m pytest -q tests
 
 demo: install
