@@ -100,12 +100,16 @@ def build_tiny_sd(
     seed: int = 0,
     sample_size: int = 16,
     cross_attention_dim: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_downsample: bool = True,
 ) -> Path:
     """Build and save a randomly initialised tiny SD pipeline; return its directory.
 
-    ``sample_size`` is the UNet's latent size (diffusers' meaning); the VAE downsamples by 2, so
-    images are ``2 * sample_size`` pixels. ``prediction_type="v_prediction"`` mimics SD2.x
-    (linear projections in the transformer blocks).
+    ``sample_size`` is the UNet's latent size (diffusers' meaning). The VAE downsamples by 2 (images
+    are ``2 * sample_size`` pixels) unless ``vae_downsample=False`` (a single-block VAE: latents at
+    pixel resolution). ``unet_channels`` gives one UNet level per entry; only the lowest-resolution
+    level has cross-attention. ``prediction_type="v_prediction"`` mimics SD2.x (linear projections
+    in the transformer blocks).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -115,15 +119,16 @@ def build_tiny_sd(
     out_dir = Path(out_dir)
     tok_dir = tempfile.TemporaryDirectory()
     tokenizer = write_tiny_clip_tokenizer(tok_dir.name)
+    vae_levels = 2 if vae_downsample else 1
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(unet_channels) - 1),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=16,
@@ -132,13 +137,13 @@ def build_tiny_sd(
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        block_out_channels=(16, 32)[:vae_levels],
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=2 * sample_size,
+        sample_size=vae_levels * sample_size,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer),
