@@ -1,4 +1,4 @@
-"""Write the demo's offline imagefolder dataset (see memreg/demo_data.py).
+"""Write the demo's offline imagefolder dataset (see memreg.demo.data.py).
 
     python scripts/make_demo_data.py OUT_DIR [--seed 0] [--n-dup 16] [--dup-copies 24] [--n-unique 600] [--resolution 32]
 """
@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import fields
 
-from memreg.demo_data import DemoDataConfig, build_demo_dataset
+from memreg.demo.data import DemoDataConfig, build_demo_dataset
 
 
 def main(argv=None) -> int:

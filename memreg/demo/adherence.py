@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from memreg.demo_data import COLORS, POSITIONS, Scene
+from memreg.demo.data import COLORS, POSITIONS, Scene
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""memreg/demo_data.py: counts, exact duplicates, held-out disjointness, determinism."""
+"""memreg.demo.data.py: counts, exact duplicates, held-out disjointness, determinism."""
 
 import hashlib
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memreg.demo_data import DemoDataConfig, build_demo_dataset
+from memreg.demo.data import DemoDataConfig, build_demo_dataset
 
 CFG = DemoDataConfig(seed=3, n_dup=3, dup_copies=5, n_unique=40, n_heldout=12, resolution=16)
 

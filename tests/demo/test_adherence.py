@@ -1,10 +1,10 @@
-"""memreg/adherence.py: real scenes adhere, mismatched captions and photos do not."""
+"""memreg.demo.adherence.py: real scenes adhere, mismatched captions and photos do not."""
 
 import numpy as np
 from PIL import Image
 
-from memreg.adherence import mean_adherence, nearest_color, scene_adherence
-from memreg.demo_data import Scene, all_scenes, load_photo, render_scene
+from memreg.demo.adherence import mean_adherence, nearest_color, scene_adherence
+from memreg.demo.data import Scene, all_scenes, load_photo, render_scene
 
 
 def test_nearest_color_by_hand():
