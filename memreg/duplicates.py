@@ -1,0 +1,107 @@
+"""Find duplicated training images by the content of their decoded pixels.
+
+Two records are duplicates when their images decode to the same RGB pixels, whatever their file
+names, formats or how they were handed over (a ``PIL.Image`` or a path): the key is the sha256 of
+the ``uint8`` RGB array's shape and bytes. Exact-pixel duplicates are what a scraped fine-tuning set
+with re-uploaded files contains and what drives memorization; near-duplicates (re-encoded, resized)
+are a copy-detection question, see :mod:`memreg.copy_detect`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class ImageLoadError(ValueError):
+    """A record whose image cannot be read; the message names the record and file."""
+
+
+def load_rgb(image: Any) -> Image.Image:
+    """A record's image as an RGB ``PIL.Image``: accepts a PIL image, a path, or an HxW(x3/4) uint8 array."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageLoadError(f"image file {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError as e:
+            raise ImageLoadError(f"image file {str(path)!r} cannot be decoded ({e})") from None
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    raise ImageLoadError(f"unsupported image type {type(image).__name__}; expected PIL.Image, path or uint8 array")
+
+
+def content_hash(image: Any) -> str:
+    """sha256 hex digest of the decoded RGB pixels (shape + bytes) of ``image``."""
+    arr = np.ascontiguousarray(np.asarray(load_rgb(image), dtype=np.uint8))
+    h = hashlib.sha256()
+    h.update(repr(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def first_caption(caption: Any) -> str:
+    """A record's caption as one string (a list of captions gives its first entry)."""
+    if isinstance(caption, (list, tuple)):
+        caption = caption[0] if caption else ""
+    return "" if caption is None else str(caption).strip()
+
+
+@dataclass
+class DuplicateIndex:
+    """Content hashes of a record list and how often each occurs."""
+
+    hashes: list[str]                           # per record, in record order
+    counts: Counter = field(default_factory=Counter)   # hash -> number of records with it
+
+    def count(self, i: int) -> int:
+        """How many records (this one included) share record ``i``'s pixels."""
+        return self.counts[self.hashes[i]]
+
+    def groups(self, min_count: int = 2) -> list[list[int]]:
+        """Record indices of each image occurring >= ``min_count`` times, in first-occurrence order."""
+        by_hash: dict[str, list[int]] = {}
+        for i, h in enumerate(self.hashes):
+            by_hash.setdefault(h, []).append(i)
+        return [idx for idx in by_hash.values() if len(idx) >= min_count]
+
+    def duplicated(self, min_count: int = 2) -> list[int]:
+        """Indices of the records whose image occurs >= ``min_count`` times."""
+        return [i for i, h in enumerate(self.hashes) if self.counts[h] >= min_count]
+
+    def unique(self) -> list[int]:
+        """Indices of the records whose image occurs exactly once."""
+        return [i for i, h in enumerate(self.hashes) if self.counts[h] == 1]
+
+    def first_of_each(self) -> list[int]:
+        """One record index per distinct image (its first occurrence)."""
+        seen: set[str] = set()
+        out = []
+        for i, h in enumerate(self.hashes):
+            if h not in seen:
+                seen.add(h)
+                out.append(i)
+        return out
+
+
+def find_duplicates(images: Iterable[Any] | Sequence[dict]) -> DuplicateIndex:
+    """Hash every image (or every record's ``"image"``) and count the occurrences of each hash."""
+    hashes = []
+    for i, item in enumerate(images):
+        image = item["image"] if isinstance(item, dict) else item
+        try:
+            hashes.append(content_hash(image))
+        except ImageLoadError as e:
+            rid = item.get("id", i) if isinstance(item, dict) else i
+            raise ImageLoadError(f"record {rid}: {e}") from None
+    return DuplicateIndex(hashes, Counter(hashes))

@@ -1,0 +1,492 @@
+"""Training configuration: nested dataclasses, YAML + diffusers-style CLI overrides.
+
+A run is ``--config configs/x.yaml`` plus flags that win over the YAML::
+
+    python train/train.py --config configs/tiny_cpu.yaml --max_train_steps 6 --output_dir out \
+        --guard.type penalty --guard.weight 0.5 --eval.enabled true
+
+Top-level keys keep the names of diffusers' ``train_text_to_image*.py`` flags; nested sections
+are addressed with dots (``guard.``, ``guard.wen.``, ``guard.caption_noise.``, ``eval.``). A
+boolean flag given without a value means ``true`` (``--center_crop``). An unknown key fails with
+a :class:`ConfigError` naming it and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from memreg.monitor_config import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+GUARD_TYPES = ("none", "penalty", "wen_filter", "caption_noise")
+PENALTY_MODES = ("hinge", "mean")
+PENALTY_TERMS = ("combined", "norm")
+ZSCORE_MODES = ("none", "calib", "batch")
+TRAIN_MODES = ("lora", "full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+@dataclass
+class WenFilterConfig:
+    """Wen et al. (ICLR'24) training mitigation: drop samples whose ||eps_c - eps_u|| >= tau."""
+
+    tau: Union[float, str] = "auto"       # float, or "auto": quantile of the base model's per-sample norms
+    tau_quantile: float = 0.95
+    calibration_batches: int = 8          # training batches scored for tau: auto
+
+
+@dataclass
+class CaptionNoiseConfig:
+    """Somepalli et al. (NeurIPS'23) caption randomisation (their ``randwordadd`` / ``rand_noise_lam``)."""
+
+    word_prob: float = 0.1                # probability that a caption gets random words inserted
+    num_words: int = 2                    # random vocabulary words inserted at random positions
+    embed_noise: float = 0.0              # lambda of lambda * N(0, I) added to the text embeddings
+
+
+@dataclass
+class GuardConfig:
+    """``guard.type`` selects the memorization guard; the other top-level keys configure the penalty."""
+
+    type: str = "none"                    # none | penalty | wen_filter | caption_noise
+    mode: str = "hinge"                   # hinge: mean(relu(s - tau)); mean: mean(s)
+    weight: float = 0.1                   # lambda
+    tau: Union[float, str] = "auto"       # float (raw score units) or "auto"
+    tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
+    tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
+    probes_per_step: int = 2              # k captions of the batch probed per active step
+    every_n_steps: int = 8                # penalty on optimizer steps with step % n == 0
+    warmup_steps: int = 0                 # no penalty before this optimizer step
+    term: str = "combined"                # combined: g1*norm + g2*align; norm: g1*norm only (half the probe batch)
+    zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
+    tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
+    preset: Union[str, None] = None       # sd1 | sd2 | None: sd2 for v-prediction models, else sd1
+    t_hi: Union[int, None] = None
+    t_lo: Union[int, None] = None
+    calibration_prompts: int = 64
+    calibration_seeds: int = 2
+    seed: Union[int, None] = None         # the guard's own generator; None: training seed + 1
+    fused_forward: bool = True            # probes ride in the denoising UNet forward
+    probe_checkpointing: Union[bool, str] = "auto"  # activation checkpointing on probe steps; auto: when the
+                                                    # run does not checkpoint anyway (keeps peak memory flat)
+    wen: WenFilterConfig = field(default_factory=WenFilterConfig)
+    caption_noise: CaptionNoiseConfig = field(default_factory=CaptionNoiseConfig)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: Union[str, None] = None
+    revision: Union[str, None] = None
+    variant: Union[str, None] = None
+    prediction_type: Union[str, None] = None
+    mode: str = "lora"                    # lora | full
+    train_text_encoder: bool = False
+    # data
+    dataset_name: Union[str, None] = None
+    dataset_config_name: Union[str, None] = None
+    train_data_dir: Union[str, None] = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_train_samples: Union[int, None] = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    cache_latents: bool = False
+    dataloader_num_workers: int = 0
+    cache_dir: Union[str, None] = None
+    # optimisation
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    max_train_steps: Union[int, None] = None
+    num_train_epochs: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Union[str, None] = None
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    snr_gamma: Union[float, None] = None
+    noise_offset: float = 0.0
+    seed: Union[int, None] = None
+    # LoRA
+    rank: int = 4
+    lora_alpha: Union[int, None] = None   # None: = rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    text_encoder_lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    # outputs, checkpoints, logging
+    output_dir: str = "sd-model-finetuned"
+    overwrite_output_dir: bool = False
+    logging_dir: str = "logs"
+    report_to: str = "tensorboard"
+    tracker_project_name: str = "memreg"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Union[int, None] = None
+    resume_from_checkpoint: Union[str, None] = None
+    stop_at_step: Union[int, None] = None   # end after this optimizer step without final outputs (as if preempted)
+    # sections
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- typed coercion
+
+_TRUE = {"true", "yes", "1", "on", "y"}
+_FALSE = {"false", "no", "0", "off", "n"}
+_NONE = {"none", "null", "~", ""}
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _union_args(tp) -> tuple | None:
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        return typing.get_args(tp)
+    return None
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Convert ``value`` (a YAML value or a CLI string) to the field type ``tp``."""
+    args = _union_args(tp)
+    if args is not None:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        errors = []
+        # Try the non-str members first so "0.5" becomes a float in float|str fields.
+        members = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+        for member in members:
+            try:
+                return _coerce(value, member, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot use {value!r} ({'; '.join(errors)})")
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (str,)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE:
+            return True
+        if isinstance(value, str) and value.strip().lower() in _FALSE:
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+# --------------------------------------------------------------------------- key registry
+
+def valid_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config dataclass."""
+    keys = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _section_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.append(prefix + f.name)
+            keys += _section_keys(tp, prefix + f.name + ".")
+    return keys
+
+
+def unknown_key_error(key: str, source: str = "") -> ConfigError:
+    candidates = valid_keys() + _section_keys()
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    leaf = key.rsplit(".", 1)[-1]
+    leaf_close = difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1] for c in candidates], n=1, cutoff=0.6)
+    if leaf_close and not close:
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf_close[0]][:1]
+    where = f" in {source}" if source else ""
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+
+
+def _set(cfg, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        hints = _type_hints(type(obj))
+        if part not in hints:
+            raise unknown_key_error(dotted, source)
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted}: is a section; give a mapping or set {dotted}.<key>")
+                for k, v in value.items():
+                    _set(cfg, f"{dotted}.{k}", v, source)
+                return
+            setattr(obj, part, _coerce(value, tp, dotted))
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise unknown_key_error(dotted, source)
+        obj = getattr(obj, part)
+
+
+def apply_mapping(cfg: TrainConfig, mapping: dict, source: str = "", prefix: str = "") -> None:
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            # a section or an unknown key holding a mapping
+            _set(cfg, key, v, source)
+        else:
+            _set(cfg, key, v, source)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _is_bool_key(dotted: str) -> bool:
+    obj_cls = TrainConfig
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        hints = _type_hints(obj_cls)
+        tp = hints.get(part)
+        if tp is None or not dataclasses.is_dataclass(tp):
+            return False
+        obj_cls = tp
+    tp = _type_hints(obj_cls).get(parts[-1])
+    return tp is bool
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Split argv into the ``--config`` path and ordered (key, raw value) overrides."""
+    config_path = None
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --key value")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            key = key.replace("-", "_")
+            i += 1
+        else:
+            key = body.replace("-", "_")
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+                if key == "config" or not _is_bool_key(key):
+                    if key in valid_keys() or key == "config":
+                        raise ConfigError(f"--{key} needs a value")
+                    raise unknown_key_error(key, "command line")
+                value = "true"
+                i += 1
+            else:
+                value = nxt
+                i += 2
+        if key == "config":
+            config_path = value
+        else:
+            overrides.append((key, value))
+    return config_path, overrides
+
+
+def load_config(argv: list[str] | None = None, config_path: str | None = None,
+                overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- YAML (``--config`` or ``config_path``) <- CLI flags <- ``overrides``; validated."""
+    cli_path, cli_overrides = parse_cli(list(argv or []))
+    path = cli_path or config_path
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        apply_mapping(cfg, data, source=str(p))
+    for key, value in cli_overrides:
+        _set(cfg, key, value, "command line")
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value, "overrides")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _choice(value, choices, key):
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Static checks that need no files (files are checked by data/model setup, still before training)."""
+    if cfg.resolution <= 0 or cfg.resolution % 8 != 0:
+        raise ConfigError(f"resolution={cfg.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    _choice(cfg.mode, TRAIN_MODES, "mode")
+    if cfg.mixed_precision is not None:
+        _choice(cfg.mixed_precision, MIXED_PRECISION, "mixed_precision")
+    if cfg.prediction_type is not None:
+        _choice(cfg.prediction_type, PREDICTION_TYPES, "prediction_type")
+    _choice(cfg.lr_scheduler, LR_SCHEDULERS, "lr_scheduler")
+    if cfg.use_ema and cfg.mode != "full":
+        raise ConfigError("use_ema applies to mode: full only (LoRA trains too few weights to average)")
+    if cfg.train_text_encoder and cfg.mode != "lora":
+        raise ConfigError("train_text_encoder is supported with mode: lora only")
+    if cfg.dataset_name is None and cfg.train_data_dir is None:
+        raise ConfigError("give a dataset: set train_data_dir (an imagefolder with metadata.jsonl) or dataset_name")
+    if cfg.dataset_name is not None and cfg.train_data_dir is not None:
+        raise ConfigError("set only one of dataset_name and train_data_dir")
+    if cfg.pretrained_model_name_or_path is None:
+        raise ConfigError("pretrained_model_name_or_path is required")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        raise ConfigError(f"max_train_steps={cfg.max_train_steps} must be >= 1")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError("checkpoints_total_limit must be >= 1 (or null)")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError("max_grad_norm must be > 0")
+    if not 0.0 <= cfg.eval.heldout_fraction < 1.0:
+        raise ConfigError(f"eval.heldout_fraction={cfg.eval.heldout_fraction} must be in [0, 1)")
+    if hasattr(cfg.eval, "validate"):
+        try:
+            cfg.eval.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    g = cfg.guard
+    _choice(g.type, GUARD_TYPES, "guard.type")
+    _choice(g.mode, PENALTY_MODES, "guard.mode")
+    _choice(g.term, PENALTY_TERMS, "guard.term")
+    _choice(g.zscore, ZSCORE_MODES, "guard.zscore")
+    if isinstance(g.tau, str) and g.tau != "auto":
+        raise ConfigError(f"guard.tau={g.tau!r} must be a number or 'auto'")
+    if isinstance(g.wen.tau, str) and g.wen.tau != "auto":
+        raise ConfigError(f"guard.wen.tau={g.wen.tau!r} must be a number or 'auto'")
+    for key, q in (("guard.tau_quantile", g.tau_quantile), ("guard.wen.tau_quantile", g.wen.tau_quantile)):
+        if not 0.0 < q < 1.0:
+            raise ConfigError(f"{key}={q} must be in (0, 1)")
+    if g.preset is not None:
+        _choice(g.preset, ("sd1", "sd2"), "guard.preset")
+    if g.probes_per_step < 1 or g.every_n_steps < 1 or g.warmup_steps < 0:
+        raise ConfigError("guard.probes_per_step and guard.every_n_steps must be >= 1, guard.warmup_steps >= 0")
+    if g.zscore == "batch" and g.probes_per_step < 2:
+        raise ConfigError("guard.zscore: batch needs guard.probes_per_step >= 2")
+    if not 0.0 <= g.tau_ema < 1.0:
+        raise ConfigError(f"guard.tau_ema={g.tau_ema} must be in [0, 1)")
+    if isinstance(g.probe_checkpointing, str) and g.probe_checkpointing != "auto":
+        raise ConfigError(f"guard.probe_checkpointing={g.probe_checkpointing!r} must be true, false or 'auto'")
+    if g.weight < 0:
+        raise ConfigError(f"guard.weight={g.weight} must be >= 0")
+    if g.calibration_prompts < 1 or g.calibration_seeds < 1:
+        raise ConfigError("guard.calibration_prompts and guard.calibration_seeds must be >= 1")
+    cn = g.caption_noise
+    if not 0.0 <= cn.word_prob <= 1.0 or cn.num_words < 0 or cn.embed_noise < 0:
+        raise ConfigError("guard.caption_noise: word_prob in [0, 1], num_words >= 0, embed_noise >= 0")
+
+
+# --------------------------------------------------------------------------- output
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg) -> dict[str, Any]:
+    """Dotted keys -> values, lists and None stringified (for tracker hparams)."""
+    out: dict[str, Any] = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif v is None or isinstance(v, (list, tuple)):
+                out[f"{prefix}{k}"] = str(v)
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

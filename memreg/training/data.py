@@ -1,0 +1,343 @@
+"""Training data: an imagefolder (``train_data_dir`` + ``metadata.jsonl``) or a hub dataset.
+
+* Loading goes through ``datasets.load_dataset`` ("imagefolder" with ``data_dir``, or
+  ``dataset_name``/``dataset_config_name``), with the image column read undecoded so images are
+  opened here, lazily, from their path or bytes.
+* A caption may be a string or a list of strings; a list gives one caption per sample and epoch,
+  picked at random as diffusers does.
+* Randomness (caption choice, random crop, flip) comes from a generator keyed on
+  ``(seed, epoch, index)``: the training seed fixes it, it does not depend on worker count or
+  process, and a resumed run sees the same samples. :class:`EpochSampler` shuffles by
+  ``(seed, epoch)``; with ``accelerator.skip_first_batches`` a resume lands on the same batch.
+* ``eval.heldout_fraction`` > 0 splits that fraction out of the training set (deterministic
+  by seed); held-out samples are never trained on and are handed to the monitor.
+* Corrupt or unreadable images: **skip with a count**. Every image is opened and verified once
+  before training (``validate_images``); failures are dropped, counted, logged with the first
+  few file names, and reported in ``DataSummary.skipped``. If nothing readable is left the run
+  fails with :class:`DataError`. An image that passes verification but cannot be decoded later
+  raises :class:`CorruptImageError` naming the file (no silent substitution mid-training).
+* ``cache_latents``: the VAE encodes every training image once (both orientations when
+  ``random_flip``) and the latent distribution's mean/std are kept; each step samples from it
+  with the training RNG, as an uncached step does. A cached crop is the center crop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from memreg import image_ops
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, directory or column."""
+
+
+class CorruptImageError(DataError):
+    """An image that passed the pre-training check failed to decode."""
+
+
+@dataclass
+class DataSummary:
+    num_total: int
+    num_train: int
+    num_heldout: int
+    skipped: int
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+
+
+def check_data_source(train_data_dir: str | None, dataset_name: str | None) -> None:
+    """Fail early, naming the path, if an imagefolder is missing or has no metadata.jsonl."""
+    if train_data_dir is not None:
+        p = Path(train_data_dir)
+        if not p.exists():
+            raise DataError(f"train_data_dir {train_data_dir!r} does not exist")
+        if not p.is_dir():
+            raise DataError(f"train_data_dir {train_data_dir!r} is not a directory")
+        metas = list(p.glob("metadata.jsonl")) + list(p.glob("*/metadata.jsonl"))
+        if not metas:
+            raise DataError(f"train_data_dir {train_data_dir!r} has no metadata.jsonl "
+                            "(one JSON object per line with file_name and the caption column)")
+    elif dataset_name is None:
+        raise DataError("no training data: set train_data_dir or dataset_name")
+
+
+def load_hf_dataset(cfg):
+    """The raw ``datasets.Dataset`` (train split) of the config, image column undecoded."""
+    import datasets
+
+    check_data_source(cfg.train_data_dir, cfg.dataset_name)
+    try:
+        if cfg.dataset_name is not None:
+            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=cfg.train_data_dir, cache_dir=cfg.cache_dir)
+    except (ValueError, TypeError, OSError) as e:  # arrow parse errors, bad metadata, missing files
+        src = cfg.dataset_name or cfg.train_data_dir
+        raise DataError(f"could not load dataset {src!r}: {e}") from e
+    if isinstance(ds, dict) or hasattr(ds, "keys"):
+        if "train" not in ds:
+            raise DataError(f"dataset {cfg.dataset_name or cfg.train_data_dir!r} has no 'train' split "
+                            f"(splits: {list(ds.keys())})")
+        ds = ds["train"]
+    cols = list(ds.column_names)
+    src = cfg.dataset_name or cfg.train_data_dir
+    if cfg.image_column not in cols:
+        raise DataError(f"image_column {cfg.image_column!r} not in dataset {src!r}; columns: {cols}")
+    if cfg.caption_column not in cols:
+        raise DataError(f"caption_column {cfg.caption_column!r} not in dataset {src!r}; columns: {cols}")
+    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    return ds
+
+
+def _image_ref(value: Any) -> Any:
+    """A path string, raw bytes or PIL image from a (possibly undecoded) image cell."""
+    if isinstance(value, dict):
+        if value.get("path") and os.path.exists(value["path"]):
+            return value["path"]
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return value.get("path")
+    return value
+
+
+def open_image(ref: Any) -> Image.Image:
+    if isinstance(ref, Image.Image):
+        return ref
+    if isinstance(ref, (bytes, bytearray)):
+        return Image.open(io.BytesIO(ref))
+    return Image.open(ref)
+
+
+def _describe(ref: Any, index: int) -> str:
+    return ref if isinstance(ref, str) else f"<sample {index}>"
+
+
+def verify_image(ref: Any) -> str | None:
+    """None if the image opens and verifies, else the reason."""
+    try:
+        with open_image(ref) as img:
+            img.verify()
+        return None
+    except Exception as e:  # PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+
+
+def _normalize_caption(value: Any, index: int, column: str) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise DataError(f"caption column {column!r}, sample {index}: expected a string or a non-empty list of "
+                    f"strings, got {value!r}")
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, heldout) index lists; the held-out set is a seeded random ``fraction`` of ``range(n)``."""
+    if fraction <= 0 or n == 0:
+        return list(range(n)), []
+    k = int(round(fraction * n))
+    k = min(max(k, 1), n - 1)
+    perm = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7919]).permutation(n)
+    held = sorted(int(i) for i in perm[:k])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+class TrainData:
+    """Image references and captions of the usable samples, with the train/held-out split."""
+
+    def __init__(self, refs: list[Any], captions: list[str | list[str]], train_idx: list[int],
+                 heldout_idx: list[int], summary: DataSummary):
+        self.refs = refs
+        self.captions = captions
+        self.train_idx = train_idx
+        self.heldout_idx = heldout_idx
+        self.summary = summary
+
+    def records(self, which: str = "train") -> list[dict]:
+        """Monitor records ``{"image": path|PIL, "caption": str|list, "id": int}``."""
+        idx = self.train_idx if which == "train" else self.heldout_idx
+        out = []
+        for i in idx:
+            ref = self.refs[i]
+            img = ref if isinstance(ref, str) else open_image(ref)
+            out.append({"image": img, "caption": self.captions[i], "id": i})
+        return out
+
+    def train_captions(self) -> list[str | list[str]]:
+        return [self.captions[i] for i in self.train_idx]
+
+
+def build_train_data(cfg, seed: int, validate_images: bool = True) -> TrainData:
+    """Load, check, filter unreadable images (skip-with-count) and split held-out samples."""
+    ds = load_hf_dataset(cfg)
+    n = len(ds)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < n:
+        n = cfg.max_train_samples
+        ds = ds.select(range(n))
+    images = ds[cfg.image_column]
+    raw_caps = ds[cfg.caption_column]
+    refs = [_image_ref(v) for v in list(images)]
+    captions = [_normalize_caption(c, i, cfg.caption_column) for i, c in enumerate(list(raw_caps))]
+    keep, bad = [], []
+    for i, ref in enumerate(refs):
+        reason = verify_image(ref) if validate_images else None
+        if reason is None:
+            keep.append(i)
+        else:
+            bad.append(f"{_describe(ref, i)} ({reason})")
+    src = cfg.dataset_name or cfg.train_data_dir
+    if bad:
+        logger.warning("skipped %d unreadable image(s) of %d in %s; first: %s", len(bad), n, src, "; ".join(bad[:5]))
+    if not keep:
+        raise DataError(f"dataset {src!r}: none of its {n} images could be read (first: {bad[:3]})")
+    refs = [refs[i] for i in keep]
+    captions = [captions[i] for i in keep]
+    train_idx, held_idx = split_heldout(len(refs), cfg.eval.heldout_fraction, seed)
+    summary = DataSummary(num_total=n, num_train=len(train_idx), num_heldout=len(held_idx),
+                          skipped=len(bad), skipped_examples=bad[:20])
+    return TrainData(refs, captions, train_idx, held_idx, summary)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by ``(index, epoch)`` (the keys :class:`EpochSampler` yields).
+
+    Items: ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str, "index": int}``, or with a
+    latent cache ``{"latent_mean", "latent_std", "caption", "index"}``.
+    """
+
+    def __init__(self, data: TrainData, resolution: int, center_crop: bool, random_flip: bool, seed: int,
+                 latent_cache: dict[str, torch.Tensor] | None = None):
+        self.data = data
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = int(seed)
+        self.latent_cache = latent_cache
+
+    def __len__(self) -> int:
+        return len(self.data.train_idx)
+
+    def _caption(self, caption, rng) -> str:
+        if isinstance(caption, list):
+            return caption[int(rng.integers(len(caption)))]
+        return caption
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = _sample_rng(self.seed, epoch, index)
+        caption = self._caption(self.data.captions[index], rng)
+        flip = bool(self.random_flip and rng.random() < 0.5)
+        if self.latent_cache is not None:
+            slot = self.latent_cache["slot"][index]
+            which = 1 if flip else 0
+            return {"latent_mean": self.latent_cache["mean"][slot, which],
+                    "latent_std": self.latent_cache["std"][slot, which],
+                    "caption": caption, "index": index}
+        ref = self.data.refs[index]
+        try:
+            with open_image(ref) as img:
+                img.load()
+                pixels = image_ops.preprocess(img, self.resolution, self.center_crop, flip, rng)
+        except Exception as e:
+            raise CorruptImageError(f"image {_describe(ref, index)} could not be decoded: {e}") from e
+        return {"pixel_values": pixels, "caption": caption, "index": index}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, epoch)`` keys in an order fixed by ``(seed, epoch)``.
+
+    Deliberately has no ``generator`` attribute: accelerate then leaves the process RNGs alone.
+    """
+
+    def __init__(self, indices: list[int], seed: int, shuffle: bool = True):
+        self.indices = list(indices)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = np.random.default_rng([self.seed & 0xFFFFFFFF, 104729, self.epoch]).permutation(len(self.indices))
+        else:
+            order = range(len(self.indices))
+        for p in order:
+            yield (self.indices[int(p)], self.epoch)
+
+
+def collate(examples: list[dict]) -> dict:
+    batch: dict[str, Any] = {"caption": [e["caption"] for e in examples],
+                             "index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+    if "pixel_values" in examples[0]:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous().float()
+    else:
+        batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
+        batch["latent_std"] = torch.stack([e["latent_std"] for e in examples])
+    return batch
+
+
+def make_dataloader(dataset: TrainDataset, batch_size: int, num_workers: int, seed: int) -> torch.utils.data.DataLoader:
+    sampler = EpochSampler(dataset.data.train_idx, seed)
+    # The loader's own generator keeps iterator creation (worker base seeds) off the global RNG.
+    gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFF)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, generator=gen, drop_last=False)
+
+
+@torch.no_grad()
+def build_latent_cache(data: TrainData, vae, resolution: int, random_flip: bool, device, dtype,
+                       batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Encode every training image once: mean/std of shape (N, 2, C, h, w) (orientation 1 = flipped)."""
+    idx = data.train_idx
+    slot = {i: s for s, i in enumerate(idx)}
+    means, stds = [], []
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        pix = []
+        for i in chunk:
+            with open_image(data.refs[i]) as img:
+                img.load()
+                base = image_ops.preprocess(img, resolution, True, False)
+            pix.append(base)
+        x = torch.stack(pix)
+        views = [x, torch.flip(x, dims=[3])] if random_flip else [x]
+        m_v, s_v = [], []
+        for v in views:
+            dist = vae.encode(v.to(device=device, dtype=dtype)).latent_dist
+            m_v.append(dist.mean.float().cpu())
+            s_v.append(dist.std.float().cpu())
+        if not random_flip:
+            m_v.append(m_v[0])
+            s_v.append(s_v[0])
+        means.append(torch.stack(m_v, dim=1))
+        stds.append(torch.stack(s_v, dim=1))
+    slots = torch.full((max(idx) + 1 if idx else 0,), -1, dtype=torch.long)
+    for i, s in slot.items():
+        slots[i] = s
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "slot": slots}
+
+
+def num_update_steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)

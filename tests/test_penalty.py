@@ -1,0 +1,212 @@
+"""MemorizationPenalty: hand-computed losses, gradients, fused forward, RNG isolation, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from memreg.encoding import PromptEncoder
+from memreg.penalty import Calibration, MemorizationPenalty, make_scorer
+
+
+class _FakeScorer:
+    """Only what the loss path needs: g1 (the unit tests feed values directly)."""
+
+    g1 = 1.0
+
+
+def _pen(**kw) -> MemorizationPenalty:
+    kw.setdefault("zscore", "none")
+    return MemorizationPenalty(_FakeScorer(), **kw)
+
+
+def test_hinge_equals_hand_computation():
+    pen = _pen(mode="hinge", tau=2.5)
+    s = torch.tensor([1.0, 2.0, 3.0, 4.5])
+    loss, over = pen.penalty(s)
+    # relu([-1.5, -0.5, 0.5, 2.0]) = [0, 0, 0.5, 2.0] -> mean 2.5 / 4
+    assert loss.item() == pytest.approx(0.625)
+    assert over.tolist() == [False, False, True, True]
+
+
+def test_mean_mode_equals_hand_computation():
+    pen = _pen(mode="mean", tau=100.0)
+    loss, _ = pen.penalty(torch.tensor([1.0, 2.0, 6.0]))
+    assert loss.item() == pytest.approx(3.0)
+
+
+def test_hinge_zero_below_tau_and_gradient_above():
+    pen = _pen(mode="hinge", tau=1.0)
+    below = torch.tensor([0.2, 0.9, 1.0], requires_grad=True)
+    loss, _ = pen.penalty(below)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(below.grad) == 0
+    above = torch.tensor([0.5, 1.5, 3.0], requires_grad=True)
+    loss, _ = pen.penalty(above)
+    loss.backward()
+    assert loss.item() == pytest.approx((0.5 + 2.0) / 3)
+    assert above.grad.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
+
+
+def test_zscore_calib_by_hand():
+    pen = _pen(mode="hinge", tau=3.0, zscore="calib")
+    pen.set_calibration(Calibration(tau=3.0, mu=1.0, sigma=2.0, ref_norm=1.0, num_values=10, quantile=0.95,
+                                    frac_over=0.1))
+    s = torch.tensor([2.0, 5.0], requires_grad=True)
+    loss, over = pen.penalty(s)
+    # z = (s - 1) / 2 = [0.5, 2.0]; threshold (3 - 1) / 2 = 1.0 -> relu = [0, 1.0] -> 0.5
+    assert loss.item() == pytest.approx(0.5)
+    assert over.tolist() == [False, True]
+    loss.backward()
+    assert s.grad.tolist() == pytest.approx([0.0, 0.25])
+
+
+def test_zscore_batch_by_hand():
+    pen = _pen(mode="hinge", tau=0.0, zscore="batch", tau_z=0.5, probes_per_step=4)
+    s = torch.tensor([0.0, 0.0, 0.0, 4.0])
+    loss, over = pen.penalty(s)
+    mu, sd = 1.0, math.sqrt(3.0)  # population std of [0, 0, 0, 4]
+    z = [(v - mu) / sd for v in s.tolist()]
+    assert loss.item() == pytest.approx(sum(max(x - 0.5, 0.0) for x in z) / 4)
+    assert over.tolist() == [False, False, False, True]
+
+
+def test_weight_zero_gives_zero_weighted_penalty_and_schedule():
+    pen = _pen(mode="hinge", tau=0.0, weight=0.0, every_n_steps=3, warmup_steps=3)
+    assert [s for s in range(10) if pen.active(s)] == [3, 6, 9]
+
+
+def test_update_tau_ema_by_hand():
+    pen = _pen(tau=1.0, tau_ema=0.25, tau_quantile=0.5)
+    pen.update_tau(torch.tensor([1.0, 2.0, 3.0]))  # median 2.0
+    assert pen.tau == pytest.approx(0.75 * 1.0 + 0.25 * 2.0)
+
+
+def test_cond_ratio_by_hand():
+    pen = _pen(tau=1.0)
+    pen.set_calibration(Calibration(tau=1.0, mu=0, sigma=1, ref_norm=0.5, num_values=4, quantile=0.95, frac_over=0))
+    r = pen.cond_ratio(torch.tensor([0.5, 0.8, 2.0]), torch.tensor([0.2, 0.4, 9.0]))
+    assert r == pytest.approx(((0.2 + 0.4) / 2) / 0.5)
+    assert math.isnan(pen.cond_ratio(torch.tensor([3.0]), torch.tensor([1.0])))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        _pen(mode="square")
+    with pytest.raises(ValueError, match="tau"):
+        _pen(tau="high")
+
+
+# ---------------------------------------------------------------------------- with the tiny UNet
+
+@pytest.fixture(scope="module")
+def scorer_setup(eps_components):
+    comps = eps_components
+    scorer = make_scorer(comps.unet, comps.scheduler)
+    enc = PromptEncoder(comps.tokenizer, comps.text_encoder)
+    return comps, scorer, enc
+
+
+def test_make_scorer_presets(eps_components, v_components):
+    assert (make_scorer(eps_components.unet, eps_components.scheduler).g2) == 2.0
+    assert (make_scorer(v_components.unet, v_components.scheduler).g2) == 0.1
+
+
+@pytest.mark.parametrize("term", ["combined", "norm"])
+def test_fused_forward_probe_part_equals_scorer(scorer_setup, term):
+    comps, scorer, enc = scorer_setup
+    pen = MemorizationPenalty(scorer, probes_per_step=2, every_n_steps=1, term=term, tau=0.0, zscore="none", seed=3)
+    embeds = enc.encode(["a red circle", "a blue square", "a green star"]).embeds
+    uncond = enc.uncond()
+    latent_shape = (4, 16, 16)
+    probe = pen.prepare(embeds, uncond, latent_shape, step=0)
+    assert probe.size == 2 * (4 if term == "combined" else 2)
+    # a denoising batch in front, as the training loop builds it
+    noisy = torch.randn(3, *latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        out = comps.unet(torch.cat([noisy, probe.sample]), torch.cat([t, probe.timesteps]),
+                         encoder_hidden_states=torch.cat([embeds, probe.embeds])).sample
+        pout = pen.compute(out[3:], probe)
+        direct = scorer(probe.latents, embeds[probe.index], uncond)
+        alone = comps.unet(noisy, t, encoder_hidden_states=embeds).sample
+    expected = direct.score if term == "combined" else scorer.g1 * direct.norm
+    assert torch.allclose(pout.values, expected, atol=1e-5)
+    assert torch.allclose(pout.norm, direct.norm, atol=1e-5)
+    assert torch.allclose(out[:3], alone, atol=1e-5)  # the denoising part is unchanged by the probes
+
+
+def test_penalty_has_gradient_through_unet(scorer_setup):
+    comps, scorer, enc = scorer_setup
+    pen = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.0, zscore="none", seed=0)
+    embeds = enc.encode(["a red circle"]).embeds
+    probe = pen.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    w = comps.unet.conv_out.weight
+    w.requires_grad_(True)
+    try:
+        out = comps.unet(probe.sample, probe.timesteps, encoder_hidden_states=probe.embeds).sample
+        pout = pen.compute(out, probe)
+        assert pout.loss.item() > 0
+        pout.loss.backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    finally:
+        w.requires_grad_(False)
+        w.grad = None
+
+
+def test_probes_never_touch_the_global_rng(scorer_setup):
+    comps, scorer, enc = scorer_setup
+    pen = MemorizationPenalty(scorer, probes_per_step=2, every_n_steps=1, tau="auto", calibration_prompts=3,
+                              calibration_seeds=1, seed=0)
+    embeds = enc.encode(["a red circle", "a blue square"]).embeds
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    pen.calibrate(["a red circle", ["a blue square", "a cat"], "a dog"], lambda c: enc.encode(c).embeds,
+                  enc.uncond(), (4, 16, 16))
+    pen.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_calibration_tau_is_the_quantile_of_hand_scored_draws(scorer_setup):
+    comps, scorer, enc = scorer_setup
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a white ring"]
+    pen = MemorizationPenalty(scorer, tau="auto", tau_quantile=0.8, calibration_prompts=4, calibration_seeds=2, seed=5)
+    cal = pen.calibrate(prompts, lambda c: enc.encode(c).embeds, enc.uncond(), (4, 16, 16))
+    # Independent re-derivation of the documented draw protocol: generator(seed) -> randperm -> noise per seed.
+    gen = torch.Generator().manual_seed(5)
+    chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=gen)[:4].tolist()]
+    cond = enc.encode(chosen).embeds
+    scores, norms = [], []
+    for _ in range(2):
+        x = torch.randn((4, 4, 16, 16), generator=gen)
+        with torch.no_grad():
+            so = scorer(x, cond, enc.uncond())
+        scores += so.score.tolist()
+        norms += so.norm.tolist()
+    scores, norms = np.array(scores), np.array(norms)
+    tau = np.quantile(scores, 0.8)
+    assert cal.tau == pytest.approx(tau, rel=1e-5)
+    assert pen.tau == pytest.approx(tau, rel=1e-5)
+    assert cal.mu == pytest.approx(scores.mean(), rel=1e-5)
+    assert cal.sigma == pytest.approx(scores.std(), rel=1e-4)
+    assert cal.ref_norm == pytest.approx(norms[scores <= tau].mean(), rel=1e-5)
+    assert cal.num_values == 8
+
+
+def test_state_dict_roundtrip_restores_generator_and_tau(scorer_setup):
+    comps, scorer, enc = scorer_setup
+    embeds = enc.encode(["a red circle", "a blue square"]).embeds
+    a = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=1)
+    a.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    a.update_tau(torch.tensor([2.0]))
+    state = a.state_dict()
+    b = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=99)
+    b.load_state_dict(state)
+    assert b.tau == a.tau
+    pa = a.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
+    pb = b.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
+    assert torch.equal(pa.latents, pb.latents) and torch.equal(pa.index, pb.index)

@@ -1,0 +1,46 @@
+"""Two-process CPU run (gloo DDP) through ``accelerate launch``: 4 steps, tiny pipeline, penalty on.
+
+accelerate 1.15's ``launch --cpu --num_processes 2`` starts ONE process unless an MPI hostfile is
+given, so the test launches with ``--multi_gpu`` (torchrun); on a machine without GPUs the trainer
+then runs DDP on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, base_argv, lora_weights
+
+
+@pytest.mark.distributed
+def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(REPO / "train" / "train.py"),
+           *base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2,
+                      guard__type="penalty", guard__every_n_steps=2, guard__calibration_prompts=4,
+                      guard__calibration_seeds=1)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    elapsed = time.time() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "training: 4 steps" in log and "x 2 processes" in log
+    assert "in the denoising UNet forward" in log  # one fused forward per backward under DDP
+    assert elapsed < 60, f"2-process run took {elapsed:.0f} s"
+    assert lora_weights(out)
+    # each process saved its own guard state (its own probe generator) in the checkpoint
+    assert (out / "checkpoint-2" / "guard_state_0.json").is_file()
+    assert (out / "checkpoint-2" / "guard_state_1.json").is_file()
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
+    print(f"2-process run took {elapsed:.1f} s")

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion (LoRA or full) with an optional memorization guard.
+
+    python train/train.py --config configs/tiny_cpu.yaml --max_train_steps 6 --output_dir out/tiny
+    accelerate launch train/train.py --config configs/sd15_lora_guard.yaml --output_dir out/sd15
+    accelerate launch --multi_gpu --num_processes 2 train/train.py --config configs/tiny_cpu.yaml ...
+
+Multi-process on CPU: accelerate 1.15's ``launch --cpu --num_processes N`` starts ONE process unless
+given an MPI hostfile (``--mpirun_hostfile``); ``launch --multi_gpu --num_processes N`` (torchrun) on a
+machine without GPUs runs N processes and the trainer switches to DDP on CPU (gloo) by itself.
+
+Flags are diffusers' text-to-image flag names; nested keys use dots (``--guard.type penalty``,
+``--guard.weight 0.5``, ``--eval.enabled true``). Everything lives in ``memreg.training``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memreg.training.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None):
+    from memreg.training.checkpoint import CheckpointError
+    from memreg.training.data import DataError
+    from memreg.models import ModelError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        from memreg.training.config import valid_keys
+
+        print("keys:\n  " + "\n  ".join(valid_keys()))
+        return None
+    try:
+        cfg = load_config(argv)
+        from memreg.training.loop import train
+
+        return train(cfg)
+    except (ConfigError, DataError, CheckpointError, ModelError) as e:
+        if __name__ == "__main__":
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
