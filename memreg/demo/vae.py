@@ -38,7 +38,12 @@ def train_vae(vae, images: list[Image.Image], steps: int = 400, batch_size: int 
         sched.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        x = data[: min(len(data), 256)]
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        x = data[torch.randperm(len(data), generator=gen)[:512]]
+        latents = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(latents).sample.clamp(-1, 1)
         mse = torch.nn.functional.mse_loss(rec, x).item()
-    return {"vae_psnr_db": float(10 * np.log10(4.0 / max(mse, 1e-12))), "vae_steps": steps}
+    # As for SD's VAE: scale latents to unit variance so the diffusion noise schedule fits them.
+    scaling = 1.0 / float(latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return {"vae_psnr_db": float(10 * np.log10(4.0 / max(mse, 1e-12))), "vae_steps": steps,
+            "vae_scaling_factor": scaling}

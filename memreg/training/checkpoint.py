@@ -250,6 +250,8 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
                 save_lora(output_dir, unet, text_encoder, kohya=False)
             else:
                 unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+                if text_encoder is not None:
+                    text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
                 if ema is not None:
                     ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
         for i in sorted(handled, reverse=True):
@@ -270,6 +272,10 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
             unet.register_to_config(**loaded.config)
             unet.load_state_dict(loaded.state_dict())
             del loaded
+            if text_encoder is not None:
+                from transformers import CLIPTextModel
+
+                text_encoder.load_state_dict(CLIPTextModel.from_pretrained(input_dir, subfolder="text_encoder").state_dict())
             if ema is not None:
                 loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
                 ema.load_state_dict(loaded_ema.state_dict())

@@ -103,6 +103,7 @@ class TrainConfig:
     image_column: str = "image"
     caption_column: str = "text"
     max_train_samples: Union[int, None] = None
+    proportion_empty_prompts: float = 0.0   # captions replaced by "" (trains the unconditional branch CFG needs)
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
@@ -407,8 +408,10 @@ def validate(cfg: TrainConfig) -> None:
     _choice(cfg.lr_scheduler, LR_SCHEDULERS, "lr_scheduler")
     if cfg.use_ema and cfg.mode != "full":
         raise ConfigError("use_ema applies to mode: full only (LoRA trains too few weights to average)")
-    if cfg.train_text_encoder and cfg.mode != "lora":
-        raise ConfigError("train_text_encoder is supported with mode: lora only")
+    if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
+        raise ConfigError(f"proportion_empty_prompts={cfg.proportion_empty_prompts} must be in [0, 1)")
+    if cfg.train_text_encoder and cfg.mode == "full" and cfg.use_ema:
+        raise ConfigError("use_ema keeps an EMA of the UNet only; it cannot be combined with train_text_encoder")
     if cfg.dataset_name is None and cfg.train_data_dir is None:
         raise ConfigError("give a dataset: set train_data_dir (an imagefolder with metadata.jsonl) or dataset_name")
     if cfg.dataset_name is not None and cfg.train_data_dir is not None:

@@ -4,7 +4,9 @@
   ``dataset_name``/``dataset_config_name``), with the image column read undecoded so images are
   opened here, lazily, from their path or bytes.
 * A caption may be a string or a list of strings; a list gives one caption per sample and epoch,
-  picked at random as diffusers does.
+  picked at random as diffusers does. ``proportion_empty_prompts`` replaces that fraction of
+  captions by "" (as diffusers' SDXL script does) so the unconditional branch used by
+  classifier-free guidance is trained.
 * Randomness (caption choice, random crop, flip) comes from a generator keyed on
   ``(seed, epoch, index)``: the training seed fixes it, it does not depend on worker count or
   process, and a resumed run sees the same samples. :class:`EpochSampler` shuffles by
@@ -223,13 +225,14 @@ class TrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: TrainData, resolution: int, center_crop: bool, random_flip: bool, seed: int,
-                 latent_cache: dict[str, torch.Tensor] | None = None):
+                 latent_cache: dict[str, torch.Tensor] | None = None, proportion_empty_prompts: float = 0.0):
         self.data = data
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = int(seed)
         self.latent_cache = latent_cache
+        self.proportion_empty_prompts = float(proportion_empty_prompts)
 
     def __len__(self) -> int:
         return len(self.data.train_idx)
@@ -244,6 +247,8 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = _sample_rng(self.seed, epoch, index)
         caption = self._caption(self.data.captions[index], rng)
         flip = bool(self.random_flip and rng.random() < 0.5)
+        if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
+            caption = ""
         if self.latent_cache is not None:
             slot = self.latent_cache["slot"][index]
             which = 1 if flip else 0

@@ -178,7 +178,7 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed,
             logger.info("cache_latents: images are center-cropped (a random crop cannot be cached)")
         latent_cache = data_mod.build_latent_cache(data, vae, cfg.resolution, cfg.random_flip, device, wdtype)
     dataset = data_mod.TrainDataset(data, cfg.resolution, cfg.center_crop, cfg.random_flip, seed,
-                                    latent_cache=latent_cache)
+                                    latent_cache=latent_cache, proportion_empty_prompts=cfg.proportion_empty_prompts)
     dataloader = data_mod.make_dataloader(dataset, cfg.train_batch_size, cfg.dataloader_num_workers, seed)
     sampler = dataloader.sampler
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)

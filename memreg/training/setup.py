@@ -97,8 +97,8 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
     else:
         _to(unet, device, torch.float32)
         unet.requires_grad_(True)
-        te.requires_grad_(False)
-        _to(te, device, wdtype)
+        te.requires_grad_(cfg.train_text_encoder)
+        _to(te, device, torch.float32 if cfg.train_text_encoder else wdtype)
         if cfg.use_ema:
             ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                            model_config=unet.config)

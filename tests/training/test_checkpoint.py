@@ -134,3 +134,23 @@ def test_guard_state_roundtrip(tmp_path):
     assert cn2.captions(["x y"]) == cn.captions(["x y"])
     with pytest.raises(ckpt.CheckpointError, match="guard_state_0"):
         ckpt.load_guard_state({"wen_filter": wf2}, tmp_path, rank=0)
+
+
+def test_full_fine_tuning_with_text_encoder_trains_saves_and_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(out, sub, name):
+        return load_file(str(out / sub / name))
+
+    kw = dict(mode="full", train_text_encoder=True, checkpointing_steps=1, learning_rate=1e-3)
+    straight = tmp_path / "straight"
+    run(tiny_sd_eps, tiny_data, straight, steps=2, **kw)
+    killed = tmp_path / "killed_full"
+    run(tiny_sd_eps, tiny_data, killed, steps=2, stop_at_step=1, **kw)
+    assert (killed / "checkpoint-1" / "text_encoder").is_dir()
+    run(tiny_sd_eps, tiny_data, killed, steps=2, resume_from_checkpoint="latest", **kw)
+    for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        _assert_identical(weights(straight, sub, name), weights(killed, sub, name))
+    base_te = weights(tiny_sd_eps, "text_encoder", "model.safetensors")
+    trained_te = weights(straight, "text_encoder", "model.safetensors")
+    assert any(not torch.equal(base_te[k], trained_te[k]) for k in base_te)

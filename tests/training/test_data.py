@@ -137,3 +137,15 @@ def test_latent_cache_matches_the_vae(tiny_data, eps_components):
         mean = vae.encode(ref["pixel_values"][None]).latent_dist.mean[0]
     assert torch.allclose(item["latent_mean"], mean, atol=1e-5)
     assert item["caption"] == ref["caption"]
+
+
+def test_proportion_empty_prompts_blanks_that_fraction_deterministically(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n=8)
+    data = D.build_train_data(_cfg(root), seed=0)
+    ds = D.TrainDataset(data, 32, True, False, seed=0, proportion_empty_prompts=0.5)
+    plain = D.TrainDataset(data, 32, True, False, seed=0)
+    caps = [ds[(i, e)]["caption"] for e in range(25) for i in range(8)]
+    assert caps == [ds[(i, e)]["caption"] for e in range(25) for i in range(8)]
+    blank = sum(c == "" for c in caps) / len(caps)
+    assert 0.4 < blank < 0.6
+    assert all(plain[(i, 0)]["caption"] for i in range(8))
