@@ -33,8 +33,9 @@ score)::
     eval/<g>/<t>_mean, eval/<g>/<t>_p50, eval/<g>/<t>_p95, eval/<g>/n_prompts, eval/seconds
     eval/auc/<c>/<t>, eval/tpr_at_1pct_fpr/<c>/<t>
     eval_hist/<g>/<t>        (histogram)     eval/roc (figure)     eval/top_k_captions (text)
-    copy/<g>/memorized_frac, copy/<g>/sim_mean, copy/<g>/sim_p95, copy/<g>/own_sim_mean,
-    copy/<g>/own_sim_p95, copy/threshold, copy/seconds
+    copy/<g>/memorized_frac (nearest training image over the threshold), copy/<g>/sim_mean,
+    copy/<g>/sim_p95, copy/<g>/own_sim_mean, copy/<g>/own_sim_p95, copy/<g>/own_memorized_frac (the
+    caption's own training image over the threshold), copy/threshold, copy/seconds
     copy_hist/<g>/similarity (histogram)     copy_grid/<g> (image)
 """
 
@@ -468,6 +469,7 @@ class MemorizationMonitor:
             own_g = own[sel].numpy()
             if np.isfinite(own_g).any():
                 scalars[f"copy/{g}/own_sim_mean"] = float(np.nanmean(own_g))
+                scalars[f"copy/{g}/own_memorized_frac"] = float(np.mean(own_g[np.isfinite(own_g)] > thr))
                 scalars[f"copy/{g}/own_sim_p95"] = float(np.nanpercentile(own_g, 95))
             detail[g] = [{"prompt": jobs[n][3].text, "image": jobs[n][2],
                           "similarity": float(best[n]), "memorized": bool(best[n] > thr),

@@ -3,7 +3,9 @@
 Each active optimizer step, :class:`MemorizationPenalty` takes ``k`` captions of the current batch,
 draws pure-noise latents from its **own** ``torch.Generator`` (the training RNG stream is never
 touched, so ``weight=0`` reproduces the plain run), and builds the scorer's UNet batch
-``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]`` (``term="norm"``: the ``t_hi`` half only). The training loop
+``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]`` (``term="norm"``: the ``t_hi`` half only; ``term="align"``: the
+``t_lo`` half only, penalising ``g2 * align``, for models where the alignment term is the one that
+rises with memorization). The training loop
 concatenates it onto the denoising batch, runs ONE UNet forward, splits the output and hands the
 probe part back to :meth:`MemorizationPenalty.compute`; gradients flow through the score.
 
@@ -31,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memreg.score import AnisotropyScore, guidance_norm, to_epsilon, to_score_space
+from memreg.score import AnisotropyScore, channel_alignment, guidance_norm, to_epsilon, to_score_space
 
 MODES = ("hinge", "mean")
-TERMS = ("combined", "norm")
+TERMS = ("combined", "norm", "align")
 ZSCORES = ("none", "calib", "batch")
 
 
@@ -138,9 +140,11 @@ class MemorizationPenalty:
     # ------------------------------------------------------------------ UNet inputs
     def unet_inputs(self, latents: Tensor, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sample, t, embeds = self.scorer.unet_inputs(latents, cond, uncond)
+        half = sample.shape[0] // 2
         if self.term == "norm":
-            half = sample.shape[0] // 2
             return sample[:half], t[:half], embeds[:half]
+        if self.term == "align":
+            return sample[half:], t[half:], embeds[half:]
         return sample, t, embeds
 
     def values_from_output(self, out: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,10 +155,15 @@ class MemorizationPenalty:
         sc = self.scorer
         o = out.float()
         x = latents.float()
-        u_hi, c_hi = o.chunk(2)
+        u, c = o.chunk(2)
+        if self.term == "align":  # t_lo half; "norm" reported is the guidance norm at t_lo
+            ab = sc._alpha_bar(sc.t_lo, x)
+            eps_u = to_epsilon(u, x, ab, sc.prediction_type)
+            guidance = to_epsilon(c, x, ab, sc.prediction_type) - eps_u
+            return sc.g2 * channel_alignment(eps_u, guidance), guidance_norm(guidance)
         ab = sc._alpha_bar(sc.t_hi, x)
         conv = to_epsilon if sc.space == "eps" else to_score_space
-        norm = guidance_norm(conv(c_hi, x, ab, sc.prediction_type) - conv(u_hi, x, ab, sc.prediction_type))
+        norm = guidance_norm(conv(c, x, ab, sc.prediction_type) - conv(u, x, ab, sc.prediction_type))
         return sc.g1 * norm, norm
 
     def draw_latents(self, n: int, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:

@@ -102,13 +102,15 @@ def build_tiny_sd(
     cross_attention_dim: int = 32,
     unet_channels: tuple[int, ...] = (32, 64),
     vae_downsample: bool = True,
+    attention_levels: int = 1,
+    text_layers: int = 2,
 ) -> Path:
     """Build and save a randomly initialised tiny SD pipeline; return its directory.
 
     ``sample_size`` is the UNet's latent size (diffusers' meaning). The VAE downsamples by 2 (images
     are ``2 * sample_size`` pixels) unless ``vae_downsample=False`` (a single-block VAE: latents at
-    pixel resolution). ``unet_channels`` gives one UNet level per entry; only the lowest-resolution
-    level has cross-attention. ``prediction_type="v_prediction"`` mimics SD2.x (linear projections
+    pixel resolution). ``unet_channels`` gives one UNet level per entry; the ``attention_levels``
+    lowest-resolution levels have cross-attention. ``prediction_type="v_prediction"`` mimics SD2.x (linear projections
     in the transformer blocks).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -127,8 +129,9 @@ def build_tiny_sd(
         out_channels=4,
         layers_per_block=1,
         block_out_channels=tuple(unet_channels),
-        down_block_types=("DownBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(unet_channels) - 1),
+        down_block_types=("DownBlock2D",) * (len(unet_channels) - attention_levels)
+        + ("CrossAttnDownBlock2D",) * attention_levels,
+        up_block_types=("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (len(unet_channels) - attention_levels),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=16,
@@ -149,7 +152,7 @@ def build_tiny_sd(
         vocab_size=len(tokenizer),
         hidden_size=cross_attention_dim,
         intermediate_size=2 * cross_attention_dim,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=cross_attention_dim,

@@ -289,6 +289,7 @@ def test_copy_check_flags_a_planted_copy(components, dataset, tmp_path, monkeypa
     out = mon.maybe_run(5, unet=components.unet)
     assert out["copy/duplicated/memorized_frac"] == 1.0
     assert out["copy/duplicated/own_sim_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert out["copy/duplicated/own_memorized_frac"] == 1.0
     assert out["copy/memorized/memorized_frac"] == 0.5      # its first prompt is the duplicated caption
     assert out["copy/unique/memorized_frac"] == 0.0 and out["copy/heldout/memorized_frac"] == 0.0
     rec = json.loads((tmp_path / "memorization" / "copy_step00000005.json").read_text())

@@ -116,7 +116,7 @@ def test_make_scorer_presets(eps_components, v_components):
     assert (make_scorer(v_components.unet, v_components.scheduler).g2) == 0.1
 
 
-@pytest.mark.parametrize("term", ["combined", "norm"])
+@pytest.mark.parametrize("term", ["combined", "norm", "align"])
 def test_fused_forward_probe_part_equals_scorer(scorer_setup, term):
     comps, scorer, enc = scorer_setup
     pen = MemorizationPenalty(scorer, probes_per_step=2, every_n_steps=1, term=term, tau=0.0, zscore="none", seed=3)
@@ -134,9 +134,17 @@ def test_fused_forward_probe_part_equals_scorer(scorer_setup, term):
         pout = pen.compute(out[3:], probe)
         direct = scorer(probe.latents, embeds[probe.index], uncond)
         alone = comps.unet(noisy, t, encoder_hidden_states=embeds).sample
-    expected = direct.score if term == "combined" else scorer.g1 * direct.norm
+    expected = {"combined": direct.score, "norm": scorer.g1 * direct.norm, "align": scorer.g2 * direct.align}[term]
     assert torch.allclose(pout.values, expected, atol=1e-5)
-    assert torch.allclose(pout.norm, direct.norm, atol=1e-5)
+    if term == "align":  # the reported norm is the guidance norm at t_lo, by hand
+        lat, c = probe.latents, embeds[probe.index]
+        with torch.no_grad():
+            t_lo = torch.full((2,), scorer.t_lo)
+            g = (comps.unet(lat, t_lo, encoder_hidden_states=c).sample
+                 - comps.unet(lat, t_lo, encoder_hidden_states=uncond.expand(2, -1, -1)).sample)
+        assert torch.allclose(pout.norm, g.flatten(1).norm(dim=1), atol=1e-5)
+    else:
+        assert torch.allclose(pout.norm, direct.norm, atol=1e-5)
     assert torch.allclose(out[:3], alone, atol=1e-5)  # the denoising part is unchanged by the probes
 
 

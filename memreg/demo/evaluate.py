@@ -2,7 +2,10 @@
 
 * memorized fraction: generations for each duplicated caption whose similarity to that caption's
   own training photo exceeds the calibrated copy detector's threshold (``memreg.copy_detect``);
-  for held-out captions (no own photo) the max similarity to any training image is used;
+  for held-out captions (no own photo), generations whose nearest duplicated photo exceeds it.
+  The held-out generations' max similarity to *any* training image is reported beside it: flat
+  procedural scenes resemble one another at 16 px, so that number tells how the detector is
+  calibrated on this data, not whether anything was copied;
 * held-out denoising loss: the training objective on held-out images with fixed noise and
   timesteps, identical across runs;
 * prompt adherence of held-out generations (``memreg.demo.adherence``).
@@ -76,8 +79,10 @@ def evaluate_model(components, unet, detector, dup_refs: dict[str, Image.Image],
     held_imgs = generate_images(components, held_caps, [10_000 + s.seed + i for i in range(len(held))], unet=unet,
                                 num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                                 batch_size=64)
-    best_held, _ = detector.nearest(detector.embed(held_imgs), detector.embed(train_images))
-    best_held = best_held.numpy()
+    held_feats = detector.embed(held_imgs)
+    to_photos = detector.similarity(held_feats, own_refs).max(dim=1).values.numpy()
+    to_any, _ = detector.nearest(held_feats, detector.embed(train_images))
+    to_any = to_any.numpy()
     scenes = [Scene(h["shape"], h["color"], h["background"], h["position"]) for h in held]
     loss = heldout_denoising_loss(components, unet, [h["image"] for h in held], held_caps, draws=s.loss_draws,
                                   seed=s.seed)
@@ -85,8 +90,10 @@ def evaluate_model(components, unet, detector, dup_refs: dict[str, Image.Image],
     return {
         "dup_memorized_frac": float((own > thr).mean()),
         "dup_own_similarity_mean": float(own.mean()),
-        "heldout_memorized_frac": float((best_held > thr).mean()),
-        "heldout_max_similarity_mean": float(best_held.mean()),
+        "heldout_memorized_frac": float((to_photos > thr).mean()),
+        "heldout_photo_similarity_mean": float(to_photos.mean()),
+        "heldout_any_train_over_threshold": float((to_any > thr).mean()),
+        "heldout_any_train_similarity_mean": float(to_any.mean()),
         "heldout_loss": float(loss),
         "adherence": mean_adherence(held_imgs, scenes),
         "copy_threshold": float(thr),

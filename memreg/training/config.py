@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 GUARD_TYPES = ("none", "penalty", "wen_filter", "caption_noise")
 PENALTY_MODES = ("hinge", "mean")
-PENALTY_TERMS = ("combined", "norm")
+PENALTY_TERMS = ("combined", "norm", "align")
 ZSCORE_MODES = ("none", "calib", "batch")
 TRAIN_MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -71,7 +71,7 @@ class GuardConfig:
     probes_per_step: int = 2              # k captions of the batch probed per active step
     every_n_steps: int = 8                # penalty on optimizer steps with step % n == 0
     warmup_steps: int = 0                 # no penalty before this optimizer step
-    term: str = "combined"                # combined: g1*norm + g2*align; norm: g1*norm only (half the probe batch)
+    term: str = "combined"                # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the probes)
     zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
     tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
     preset: Union[str, None] = None       # sd1 | sd2 | None: sd2 for v-prediction models, else sd1

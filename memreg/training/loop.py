@@ -232,7 +232,7 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed,
         probe_ckpt = (not cfg.gradient_checkpointing) if pc == "auto" else bool(pc) and not cfg.gradient_checkpointing
         probe_ckpt = probe_ckpt and probe_forward in ("fused", "separate")
         if accelerator.is_main_process:
-            per = penalty.probes_per_step * (2 if g.term == "norm" else 4)
+            per = penalty.probes_per_step * (4 if g.term == "combined" else 2)
             how = {"fused": "in the denoising UNet forward (one forward per backward)",
                    "separate": "in a separate UNet forward (guard.fused_forward=false)",
                    "measure": "in a separate no-grad forward (weight 0: measured, no training effect)"}[probe_forward]
