@@ -103,18 +103,13 @@ def quantiles(x: np.ndarray) -> dict[str, float]:
 
 
 def roc_metrics(pos: np.ndarray, neg: np.ndarray, max_fpr: float = MAX_FPR):
-    """(AUC, TPR at FPR <= max_fpr, fpr, tpr) of positives vs negatives; higher = more memorized.
-
-    TPR@FPR is the largest TPR among ROC points with FPR <= ``max_fpr`` (memreg.metrics' default
-    convention), computed with scikit-learn directly.
-    """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    """(AUC, TPR at FPR <= max_fpr, fpr, tpr) of positives vs negatives; higher = more memorized."""
+    from memreg.metrics import auroc, roc_points, tpr_at_fpr
 
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     s = np.r_[pos, neg].astype(np.float64)
-    fpr, tpr, _ = roc_curve(y, s)
-    ok = fpr <= max_fpr + 1e-12
-    return float(roc_auc_score(y, s)), float(tpr[ok].max()) if ok.any() else 0.0, fpr, tpr
+    fpr, tpr, _ = roc_points(y, s)
+    return auroc(y, s), tpr_at_fpr(y, s, max_fpr), fpr, tpr
 
 
 @contextmanager
