@@ -24,15 +24,23 @@ class PromptEncoder:
         self.max_length = tokenizer.model_max_length
         self._uncond: Tensor | None = None
 
+    def ids(self, prompts: list[str]) -> Tensor:
+        """Padded, truncated ids (B, max_length)."""
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, list[bool]]:
         """Padded, truncated ids (B, max_length) and which prompts were truncated."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="pt").input_ids
         full = self.tokenizer(list(prompts), truncation=False).input_ids
-        return ids, [len(f) > self.max_length for f in full]
+        return self.ids(prompts), [len(f) > self.max_length for f in full]
 
-    def embed_ids(self, ids: Tensor) -> Tensor:
-        return self.text_encoder(ids.to(self.device))[0]
+    def embed_ids(self, ids: Tensor, model=None) -> Tensor:
+        return (model or self.text_encoder)(ids.to(self.device), return_dict=False)[0]
+
+    def __call__(self, prompts: list[str], model=None) -> Tensor:
+        """Embeddings with autograd as the caller has it (training); ``model`` overrides the
+        text encoder (e.g. its DDP-wrapped, trained copy)."""
+        return self.embed_ids(self.ids(prompts), model)
 
     def encode(self, prompts: list[str], batch_size: int | None = None) -> EncodedPrompts:
         ids, truncated = self.tokenize(prompts)
@@ -41,8 +49,9 @@ class PromptEncoder:
             embeds = torch.cat([self.embed_ids(ids[i:i + step]) for i in range(0, len(prompts), step)])
         return EncodedPrompts(embeds, truncated)
 
-    def uncond(self) -> Tensor:
-        """(1, L, D) embedding of the empty prompt, computed on first use."""
-        if self._uncond is None:
+    def uncond(self, fresh: bool = False) -> Tensor:
+        """(1, L, D) embedding of the empty prompt, computed on first use (again if ``fresh``,
+        when the text encoder is being trained)."""
+        if self._uncond is None or fresh:
             self._uncond = self.encode([""]).embeds
         return self._uncond

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from memreg.encoding import PromptEncoder
 from memreg.training import checkpoint as ckpt
 from memreg.training import data as data_mod
 from memreg.training.config import TrainConfig, flat_dict, save_config
@@ -72,29 +73,6 @@ def _setup_logging(is_main: bool) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-
-
-class _Encoder:
-    """Tokenize + encode captions with the (possibly LoRA-trained) text encoder."""
-
-    def __init__(self, tokenizer, text_encoder, device):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.device = device
-        self._uncond = None
-
-    def ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(captions), max_length=self.tokenizer.model_max_length, padding="max_length",
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
-
-    def __call__(self, captions: list[str], model=None) -> torch.Tensor:
-        return (model or self.text_encoder)(self.ids(captions), return_dict=False)[0]
-
-    def uncond(self, fresh: bool = False) -> torch.Tensor:
-        if self._uncond is None or fresh:
-            with torch.no_grad():
-                self._uncond = self([""]).detach()
-        return self._uncond
 
 
 def _gather_cat(accelerator, t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +148,7 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed,
     noise_scheduler = models.noise_scheduler
     wdtype = models.weight_dtype
     prediction_type = model_prediction_type
-    encoder = _Encoder(tokenizer, te, device)
+    encoder = PromptEncoder(tokenizer, te, device)
 
     latent_cache = None
     if cfg.cache_latents:
