@@ -271,11 +271,11 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     heldout = [json.loads(x) for x in (data_root / "heldout" / "metadata.jsonl").read_text().splitlines()]
     for h in heldout:
         h["image"] = Image.open(data_root / "heldout" / h["file_name"]).convert("RGB")
+    unknown = set(settings.get("final", {})) - {f.name for f in fields(FinalEvalSettings)}
+    if unknown:
+        raise ValueError(f"{config}: unknown final: key(s) {sorted(unknown)}")
     final = FinalEvalSettings(**settings.get("final", {}))
-    fields_ok = {f.name for f in fields(FinalEvalSettings)}
-    assert set(settings.get("final", {})) <= fields_ok
     detector = build_copy_detector("ssim")
-    unique_images = list({id(im): im for im in train_images.values()}.values())
 
     runs: dict[str, dict] = {}
     for guard in settings["guards"]:
@@ -285,7 +285,7 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
         logger.info("=== fine-tuning with guard=%s ===", guard)
         result, train_s = finetune(settings, guard, base, data_root, run_dir)
         comps = _load_model(base, run_dir)
-        ev = evaluate_model(comps, comps.unet, detector, dup_refs, unique_images, heldout, final)
+        ev = evaluate_model(comps, comps.unet, detector, dup_refs, list(train_images.values()), heldout, final)
         _save_images(ev.pop("_images"), out / f"samples_{guard}.png")
         ev.update(train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(run_dir),
                   final_guard_report=result.final_report)
