@@ -15,7 +15,9 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("memreg.detect", "score memorized vs non-memorized prompt lists; AUC/TPR report"),
+    "audit": ("memreg.audit.cli", "pre-flight memorization-risk report of a training set (duplicates, captions, scores)"),
     "report": ("memreg.report", "static HTML summary of training/monitoring runs (TensorBoard event files)"),
+    "generate": ("memreg.generate_cli", "generate images, adapting memorized prompts first (score / Wen et al. / none)"),
 }
 
 

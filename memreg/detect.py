@@ -1,8 +1,15 @@
 """``memreg detect``: score memorized vs non-memorized prompt lists and report detection metrics.
 
-Library side: ``score_prompts`` (the batched scoring loop, also used by ``scripts/bench_score.py``),
+Library side: ``score_prompts`` (``memreg.score.score_prompts`` plus Wen's baseline, truncation and
+timing; also used by ``scripts/bench_score.py``),
 ``fit_weights`` and ``run_detect``. CLI side: ``add_arguments(parser)`` and ``run(args) -> int``,
 plugged into ``memreg.cli``.
+
+Scale out: under ``accelerate launch -m memreg.cli detect ...`` (or with ``--shard-size`` on one
+process) the prompt list is cut into shards of ``--shard-size`` prompts (a multiple of
+``--batch-size``, so the batches, hence the float results, are the same as one process's), each
+process scores its shards into ``--out/parts/`` (:mod:`memreg.sharding`: atomic parts, finished
+shards skipped on a rerun) and the main process merges them and writes the usual outputs.
 
 Noise: for noise seed ``s`` every prompt is scored on latents drawn from
 ``torch.Generator().manual_seed(s)`` on the CPU (so they do not depend on the device either):
@@ -13,7 +20,7 @@ Noise: for noise seed ``s`` every prompt is scored on latents drawn from
   the prompt text); again independent of batch size and order.
 
 With shared noise the unconditional predictions eps(x_T, t, u) are the same for every prompt, so
-they are computed once per seed (``SharedUncond``) and each batch needs a UNet call on 2B
+they are computed once per seed (``shared_noise`` of ``memreg.score.score_prompts``) and each batch needs a UNet call on 2B
 conditional samples only; per-prompt noise uses ``AnisotropyScore``'s 4B-sample call.
 """
 
@@ -23,6 +30,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -35,11 +43,14 @@ import torch
 from memreg.metrics import DEFAULT_FPRS, detection_metrics, fpr_key, roc_points
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
 from memreg.prompt_io import PromptFileError, read_prompts
-from memreg.score import PRESETS, SPACES, AnisotropyScore, ddim_timesteps, pure_noise_latents, wen_multistep_norm
+from memreg.score import (NOISE_MODES, PRESETS, SPACES, AnisotropyScore, ddim_timesteps, noise_latents,  # noqa: F401
+                          prompt_seed, wen_multistep_norm)
+from memreg.score import score_prompts as score_batches
+from memreg.sharding import (PARTS_DIR, OutDirError, apply_plan, busiest_seconds, plan_out, process_state,
+                             read_part, run_shards, shard_ranges)
 
 OUTPUT_FILES = ("scores.jsonl", "report.json", "roc.png")
 TERMS = ("norm", "align", "score", "wen")
-NOISE_MODES = ("shared", "per-prompt")
 MEM_LABEL, NONMEM_LABEL = 1, 0
 
 
@@ -67,23 +78,6 @@ class ScoredPrompts:
         return getattr(self, name)
 
 
-def prompt_seed(seed: int, prompt: str) -> int:
-    """A 63-bit generator seed from (noise seed, prompt text)."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def noise_latents(unet, prompts: list[str], seed: int, noise: str = "shared", device=None) -> torch.Tensor:
-    """Float32 x_T of shape (len(prompts), C, H, W) for noise seed ``seed`` (see module doc)."""
-    if noise == "shared":
-        x = pure_noise_latents(unet, 1, torch.Generator().manual_seed(int(seed)), device=device)
-        return x.expand(len(prompts), *x.shape[1:])
-    if noise == "per-prompt":
-        return torch.cat([pure_noise_latents(unet, 1, torch.Generator().manual_seed(prompt_seed(seed, p)), device=device)
-                          for p in prompts])
-    raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-
-
 def wen_reuses_norm(scorer: AnisotropyScore, scheduler, wen_steps: int) -> bool:
     """True when Wen et al.'s single-step norm is exactly the score's norm term.
 
@@ -92,42 +86,6 @@ def wen_reuses_norm(scorer: AnisotropyScore, scheduler, wen_steps: int) -> bool:
     """
     return (wen_steps == 1 and scorer.space == "eps"
             and scorer.t_hi == ddim_timesteps(scheduler.config)[0])
-
-
-class SharedUncond:
-    """Unconditional UNet outputs on a seed's shared x_T, computed once per seed and reused.
-
-    With ``--noise shared`` every prompt sees the same x_T and the same empty-prompt embedding,
-    so eps(x_T, t_hi, u) and eps(x_T, t_lo, u) do not depend on the prompt: one 2-sample UNet
-    call per seed replaces 2B of the 4B samples in every batch.
-    """
-
-    def __init__(self, scorer: AnisotropyScore, uncond: torch.Tensor, device):
-        self.scorer, self.uncond, self.device = scorer, uncond, device
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_T of shape (1, C, H, W), UNet outputs [u@t_hi, u@t_lo] of shape (2, C, H, W))."""
-        if seed not in self._cache:
-            sc = self.scorer
-            x = noise_latents(sc.unet, [""], seed, "shared", device=self.device)
-            t = torch.tensor([sc.t_hi, sc.t_lo], device=x.device, dtype=torch.long)
-            out = sc.run_unet(torch.cat([x, x]), t, torch.cat([self.uncond, self.uncond]))
-            self._cache[seed] = (x, out)
-        return self._cache[seed]
-
-    def score(self, seed: int, cond: torch.Tensor):
-        """``scorer(x_T, cond, uncond)`` with the cached unconditional half (2B-sample UNet call)."""
-        sc = self.scorer
-        x1, out_u = self.get(seed)
-        b = cond.shape[0]
-        x = x1.expand(b, *x1.shape[1:])
-        t = torch.tensor([sc.t_hi] * b + [sc.t_lo] * b, device=x.device, dtype=torch.long)
-        out_c = sc.run_unet(torch.cat([x, x]), t, torch.cat([cond, cond]))
-        c_hi, c_lo = out_c.chunk(2)
-        u_hi = out_u[0:1].expand(b, *out_u.shape[1:])
-        u_lo = out_u[1:2].expand(b, *out_u.shape[1:])
-        return x, sc.from_unet_output(torch.cat([u_hi, c_hi, u_lo, c_lo]), x)
 
 
 @torch.no_grad()
@@ -139,57 +97,50 @@ def score_prompts(scorer: AnisotropyScore, encoder, scheduler, prompts: list[str
     Each batch is encoded once (``encoder``: a ``memreg.encoding.PromptEncoder``; the empty prompt
     is encoded once for the whole run) and scored once per seed with ``scorer``: one UNet call on
     4 x batch samples, or, with ``noise="shared"`` and ``share_uncond``, on the 2 x batch
-    conditional samples plus the seed's cached unconditional outputs (``SharedUncond``; same
+    conditional samples plus the seed's cached unconditional outputs (same
     numbers up to float rounding). ``wen_steps=0`` skips the Wen baseline. With ``reuse_wen`` and
     ``wen_reuses_norm(...)`` Wen's value is the norm term (no extra UNet call); otherwise it
     comes from ``memreg.score.wen_multistep_norm`` on the same latents. ``progress``: an object
     with ``update(n)`` (e.g. tqdm), advanced by the prompt count of each batch and seed.
     """
     seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("need at least one noise seed")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
     n = len(prompts)
-    sums = {k: np.zeros(n, dtype=np.float64) for k in TERMS}
+    wen = np.zeros(n, dtype=np.float64)
     truncated: list[bool] = []
     reused = bool(reuse_wen and wen_steps >= 1 and wen_reuses_norm(scorer, scheduler, wen_steps))
     unet = scorer.unet
     device = unet.device
     uncond = encoder.uncond()
-    shared = SharedUncond(scorer, uncond, device) if (noise == "shared" and share_uncond) else None
-    start = time.perf_counter()
-    for lo in range(0, n, batch_size):
-        batch = prompts[lo:lo + batch_size]
+
+    def encode(batch: list[str]) -> torch.Tensor:
         enc = encoder.encode(batch)
         truncated.extend(enc.truncated)
-        cond = enc.embeds
-        sl = slice(lo, lo + len(batch))
-        for s in seeds:
-            if shared is not None:
-                x, out = shared.score(s, cond)
-            else:
-                x = noise_latents(unet, batch, s, noise, device=device)
-                out = scorer(x, cond, uncond)
-            sums["norm"][sl] += out.norm.double().cpu().numpy()
-            sums["align"][sl] += out.align.double().cpu().numpy()
-            sums["score"][sl] += out.score.double().cpu().numpy()
-            if reused:
-                sums["wen"][sl] += out.norm.double().cpu().numpy()
-            elif wen_steps >= 1:
-                w = wen_multistep_norm(unet, scheduler, x, cond, uncond, steps=wen_steps,
-                                       prediction_type=scorer.prediction_type)
-                sums["wen"][sl] += w.double().cpu().numpy()
-            if progress is not None:
-                progress.update(len(batch))
+        return enc.embeds
+
+    def on_batch(lo, seed, x, cond, out):
+        sl = slice(lo, lo + cond.shape[0])
+        if reused:
+            wen[sl] += out.norm.double().cpu().numpy()
+        elif wen_steps >= 1:
+            wen[sl] += wen_multistep_norm(unet, scheduler, x, cond, uncond, steps=wen_steps,
+                                          prediction_type=scorer.prediction_type).double().cpu().numpy()
+        if progress is not None:
+            progress.update(cond.shape[0])
+
+    start = time.perf_counter()
+    out = score_batches(scorer, encode, uncond, prompts,
+                        lambda batch, lo, seed: noise_latents(unet, batch, seed, noise, device=device),
+                        draws=seeds, batch_size=batch_size, shared_noise=noise == "shared" and share_uncond,
+                        on_batch=on_batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     k = len(seeds)
-    return ScoredPrompts(norm=sums["norm"] / k, align=sums["align"] / k, score=sums["score"] / k,
-                         wen=sums["wen"] / k if wen_steps >= 1 else None, truncated=truncated,
+    mean = {t: getattr(out, t).double().mean(dim=0).numpy() for t in ("norm", "align", "score")}
+    return ScoredPrompts(norm=mean["norm"], align=mean["align"], score=mean["score"],
+                         wen=wen / k if wen_steps >= 1 else None, truncated=truncated,
                          wen_reused_norm=reused, seconds=seconds)
 
 
@@ -269,12 +220,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision of --model")
     p.add_argument("--variant", default=None, help="weight variant of --model (e.g. fp16)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="prompts per shard (a multiple of --batch-size): score in resumable parts under "
+                        "--out/parts, split across `accelerate launch` processes (default there: 16 batches)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         run_detect(args)
-    except (DetectError, PromptFileError, ModelError) as e:
+    except (DetectError, PromptFileError, ModelError, OutDirError) as e:
         print(f"memreg detect: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -296,6 +250,9 @@ def _validate_args(args) -> None:
             raise DetectError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.fit_weights and args.cv_folds < 2:
         raise DetectError(f"--cv-folds must be >= 2 with --fit-weights, got {args.cv_folds}")
+    if args.shard_size is not None and (args.shard_size < 1 or args.shard_size % args.batch_size):
+        raise DetectError(f"--shard-size must be a positive multiple of --batch-size {args.batch_size} (so the "
+                          f"batches do not depend on the process count), got {args.shard_size}")
     if not 1 <= args.wen_steps <= 50:
         raise DetectError(f"--wen-steps must be in [1, 50], got {args.wen_steps}")
     for name in ("g1", "g2"):
@@ -358,10 +315,16 @@ def run_detect(args: argparse.Namespace) -> dict:
     mem = _read(args.mem, "--mem")
     nonmem = _read(args.nonmem, "--nonmem")
     out = Path(args.out)
-    _check_out_dir(out, args.overwrite)
+    state = process_state() if args.shard_size is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    fp = None if state is None else _fingerprint(args, mem.prompts, nonmem.prompts, preset)
+    if state is None:
+        _check_out_dir(out, args.overwrite)
+    else:
+        action = plan_out(out, fp, args.overwrite, OUTPUT_FILES, "a detect run")
     check_model_path(args.model, ("unet", "text_encoder", "tokenizer", "scheduler"))
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = str(state.device) if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(args.device or default)
     except RuntimeError as e:
         raise DetectError(f"--device {args.device!r}: {e}") from None
     try:
@@ -394,10 +357,20 @@ def run_detect(args: argparse.Namespace) -> dict:
     labels = np.array([MEM_LABEL] * len(mem.prompts) + [NONMEM_LABEL] * len(nonmem.prompts))
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(prompts) * len(seeds), unit="prompt", desc="memreg detect", file=sys.stderr,
-              disable=args.no_progress, dynamic_ncols=True) as bar:
-        res = score_prompts(scorer, encoder, comps.scheduler, prompts, seeds=seeds, batch_size=args.batch_size,
-                            wen_steps=args.wen_steps, noise=args.noise, progress=bar)
+    def score(batch: list[str], show: bool = True) -> ScoredPrompts:
+        with tqdm(total=len(batch) * len(seeds), unit="prompt", desc="memreg detect", file=sys.stderr,
+                  disable=args.no_progress or not show, dynamic_ncols=True) as bar:
+            return score_prompts(scorer, encoder, comps.scheduler, batch, seeds=seeds, batch_size=args.batch_size,
+                                 wen_steps=args.wen_steps, noise=args.noise, progress=bar)
+    if state is None:
+        res = score(prompts)
+    else:
+        if state.is_main_process:
+            apply_plan(out, fp, action)
+        state.wait_for_everyone()
+        res = score_sharded(args, state, out / PARTS_DIR, prompts, score)
+        if res is None:
+            return None  # not the main process: its parts are written, the main process merges them
 
     for t in TERMS:
         bad = np.flatnonzero(~np.isfinite(res.term(t)))
@@ -445,6 +418,9 @@ def run_detect(args: argparse.Namespace) -> dict:
                                          "(encoding, score and Wen baseline; model loading excluded)"},
         "versions": _versions(),
     }
+    if state is not None:
+        report["settings"]["shard_size"] = _shard_size(args)
+        report["timing"]["processes"] = state.num_processes
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
@@ -461,6 +437,68 @@ def run_detect(args: argparse.Namespace) -> dict:
     print(format_table(report))
     print(f"wrote {out / 'scores.jsonl'}, {out / 'report.json'}, {out / 'roc.png'}")
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded scoring: accelerate processes (or one, resumable), parts merged by the main process
+# --------------------------------------------------------------------------------------------
+
+SHARD_BATCHES = 16  # default --shard-size under accelerate launch, in batches
+
+
+def _shard_size(args) -> int:
+    return args.shard_size or SHARD_BATCHES * args.batch_size
+
+
+def _fingerprint(args, mem: list[str], nonmem: list[str], preset: str | None) -> dict:
+    """The settings a part's numbers depend on; finished parts are reused only under the same."""
+    digest = hashlib.sha256(json.dumps([mem, nonmem], ensure_ascii=False).encode("utf-8")).hexdigest()
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    keys = ("revision", "variant", "seeds", "seed", "noise", "batch_size", "g1", "g2", "t_hi", "t_lo",
+            "space", "wen_steps", "dtype", "device")
+    return {"model": model, "prompts_sha256": digest, "prompts": len(mem) + len(nonmem), "preset": preset,
+            "shard_size": _shard_size(args), **{k: getattr(args, k) for k in keys}}
+
+
+def score_sharded(args, state, parts: Path, prompts: list[str], score) -> ScoredPrompts | None:
+    """Score this process's unfinished shards of ``prompts`` with ``score(batch, show)`` into
+    ``parts``; the main process returns the merged :class:`ScoredPrompts`, the others None."""
+    size = _shard_size(args)
+
+    def make_work():
+        def work(start: int, stop: int):
+            res = score(prompts[start:stop], state.is_local_main_process)
+            items = [{"i": start + k, "norm": float(res.norm[k]), "align": float(res.align[k]),
+                      "score": float(res.score[k]), "wen": None if res.wen is None else float(res.wen[k]),
+                      "truncated": bool(res.truncated[k])} for k in range(stop - start)]
+            return {"score_s": res.seconds, "wen_reused_norm": res.wen_reused_norm}, items
+        return work
+
+    t0 = time.perf_counter()
+    done = run_shards(parts, len(prompts), size, state.process_index, state.num_processes, make_work)
+    print(f"memreg detect: process {state.process_index}/{state.num_processes}: {len(done['done'])} shard(s) "
+          f"scored, {len(done['skipped'])} already finished, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    state.wait_for_everyone()
+    return merge_parts(parts, len(prompts), size) if state.is_main_process else None
+
+
+def merge_parts(parts: Path, n: int, shard_size: int) -> ScoredPrompts:
+    """The :class:`ScoredPrompts` of all ``n`` prompts from the finished parts, in prompt order;
+    ``seconds`` is the busiest process's scoring time."""
+    terms = {t: np.full(n, np.nan) for t in TERMS}
+    truncated, reused, has_wen = [False] * n, True, True
+    num = len(shard_ranges(n, shard_size))
+    for k in range(num):
+        head, items = read_part(parts, k)
+        reused &= bool(head["wen_reused_norm"])
+        for x in items:
+            has_wen &= x["wen"] is not None
+            for t in TERMS:
+                terms[t][x["i"]] = np.nan if x[t] is None else x[t]
+            truncated[x["i"]] = x["truncated"]
+    return ScoredPrompts(norm=terms["norm"], align=terms["align"], score=terms["score"],
+                         wen=terms["wen"] if has_wen else None, truncated=truncated, wen_reused_norm=reused,
+                         seconds=busiest_seconds(parts, num, "score_s"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Two records are duplicates when their images decode to the same RGB pixels, what
 names, formats or how they were handed over (a ``PIL.Image`` or a path): the key is the sha256 of
 the ``uint8`` RGB array's shape and bytes. Exact-pixel duplicates are what a scraped fine-tuning set
 with re-uploaded files contains and what drives memorization; near-duplicates (re-encoded, resized)
-are a copy-detection question, see :mod:`memreg.copy_detect`.
+are found by ``memreg audit`` (perceptual hashes, :mod:`memreg.audit.near_dup`), whose clusters
+``find_duplicates(..., clusters_from=...)`` can use; copy detection of generations is
+:mod:`memreg.copy_detect`.
 """
 
 from __future__ import annotations
@@ -94,14 +96,41 @@ class DuplicateIndex:
         return out
 
 
-def find_duplicates(images: Iterable[Any] | Sequence[dict]) -> DuplicateIndex:
-    """Hash every image (or every record's ``"image"``) and count the occurrences of each hash."""
+# Fields of ``memreg audit``'s clusters.jsonl that training reads (one JSON object per cluster).
+CLUSTER_ID, CLUSTER_MEMBERS, MEMBER_HASH = "cluster", "members", "sha256"
+
+
+def read_cluster_keys(path: str | Path) -> dict[str, str]:
+    """content hash -> ``"cluster:<id>"`` for every member of an audit's ``clusters.jsonl``."""
+    import json
+
+    keys: dict[str, str] = {}
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                c = json.loads(line)
+                for m in c[CLUSTER_MEMBERS]:
+                    if m[MEMBER_HASH]:
+                        keys[m[MEMBER_HASH]] = f"cluster:{c[CLUSTER_ID]}"
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: line {n} is not a memreg audit cluster ({type(e).__name__}: {e})") from None
+    return keys
+
+
+def find_duplicates(images: Iterable[Any] | Sequence[dict], clusters_from: str | Path | None = None) -> DuplicateIndex:
+    """Hash every image (or every record's ``"image"``) and count the occurrences of each hash.
+
+    ``clusters_from``: an audit's ``clusters.jsonl``; an image in one of its clusters gets the
+    cluster's key instead of its own hash, so near-duplicates count as copies of one image.
+    """
+    clusters = read_cluster_keys(clusters_from) if clusters_from else {}
     hashes = []
     for i, item in enumerate(images):
         image = item["image"] if isinstance(item, dict) else item
         try:
-            hashes.append(content_hash(image))
+            h = content_hash(image)
         except ImageLoadError as e:
             rid = item.get("id", i) if isinstance(item, dict) else i
             raise ImageLoadError(f"record {rid}: {e}") from None
+        hashes.append(clusters.get(h, h))
     return DuplicateIndex(hashes, Counter(hashes))

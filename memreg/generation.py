@@ -49,3 +49,35 @@ def generate_images(components, prompts: Sequence[str], seeds: Sequence[int], un
                    generator=gens, height=height, width=width, output_type="pil")
         images.extend(im.convert("RGB") for im in out.images)
     return images
+
+
+def initial_latents(unet, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """Float32 starting noise (N, C, h, w), row i from a CPU ``torch.Generator`` seeded with
+    ``seeds[i]``: the same noise ``generate_images`` starts from (in float32), on any device.
+    ``height``/``width`` in latent pixels (default the UNet's sample size)."""
+    from memreg.score import pure_noise_latents
+
+    return torch.cat([pure_noise_latents(unet, 1, torch.Generator("cpu").manual_seed(int(s)), height=height, width=width)
+                      for s in seeds])
+
+
+@torch.no_grad()
+def generate_from_embeds(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                         seeds: Sequence[int], num_inference_steps: int = 20, guidance_scale: float = 7.5,
+                         batch_size: int = 8, height: int | None = None,
+                         width: int | None = None) -> list[Image.Image]:
+    """``generate_images`` from precomputed (e.g. mitigated) ``prompt_embeds`` (N, L, D), one image
+    per row; row i starts from ``initial_latents`` of ``seeds[i]``."""
+    if prompt_embeds.shape[0] != len(seeds):
+        raise ValueError(f"got {prompt_embeds.shape[0]} prompt embeddings but {len(seeds)} seeds")
+    f = pipe.vae_scale_factor
+    h, w = (height // f if height else None), (width // f if width else None)
+    images: list[Image.Image] = []
+    for i in range(0, len(seeds), batch_size):
+        sl = slice(i, i + batch_size)
+        latents = initial_latents(pipe.unet, seeds[sl], h, w).to(prompt_embeds.dtype)
+        out = pipe(prompt_embeds=prompt_embeds[sl], negative_prompt_embeds=negative_prompt_embeds[sl],
+                   latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   height=height, width=width, output_type="pil")
+        images.extend(im.convert("RGB") for im in out.images)
+    return images

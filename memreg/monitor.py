@@ -27,8 +27,8 @@ TensorBoard tracker's ``SummaryWriter`` (skipped, with one warning, without a Te
 Per-prompt results are also written to ``output_dir/memorization/eval_step{step:08d}.json`` (detection)
 and ``copy_step{step:08d}.json`` (copy check).
 
-Tags (``<g>`` a group, ``<c>`` a contrast such as ``duplicated_vs_heldout``, ``<t>`` norm | align |
-score)::
+Tags (built by :mod:`memreg.log_tags`, which ``memreg report`` reads with; ``<g>`` a group, ``<c>`` a
+contrast such as ``duplicated_vs_heldout``, ``<t>`` norm | align | score)::
 
     eval/<g>/<t>_mean, eval/<g>/<t>_p50, eval/<g>/<t>_p95, eval/<g>/n_prompts, eval/seconds
     eval/auc/<c>/<t>, eval/tpr_at_1pct_fpr/<c>/<t>
@@ -55,6 +55,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from memreg import log_tags as tags
 from memreg.duplicates import DuplicateIndex, find_duplicates, first_caption, load_rgb
 from memreg.monitor_config import EvalConfig
 
@@ -71,14 +72,6 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from the parts (stable across runs, processes and platforms)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def probe_latents(unet, index: int, draw: int, seed: int, device=None) -> torch.Tensor:
-    """(1, C, H, W) float32 N(0, I) latents of prompt ``index``'s ``draw``: the same in every eval."""
-    from memreg.score import pure_noise_latents
-
-    gen = torch.Generator("cpu").manual_seed(derive_seed("probe", seed, index, draw))
-    return pure_noise_latents(unet, 1, generator=gen, device=device)
 
 
 @dataclass
@@ -239,7 +232,7 @@ class MemorizationMonitor:
     def dup_index(self) -> DuplicateIndex:
         if self._dup_index is None:
             t = time.perf_counter()
-            self._dup_index = find_duplicates(self.train_records)
+            self._dup_index = find_duplicates(self.train_records, clusters_from=self.cfg.duplicates_from)
             n_dup = len(self._dup_index.groups(self.cfg.dup_min_count))
             logger.info("memorization monitor: hashed %d training images in %.1fs; %d image(s) occur >= %d times",
                         len(self.train_records), time.perf_counter() - t, n_dup, self.cfg.dup_min_count)
@@ -302,25 +295,25 @@ class MemorizationMonitor:
         return AnisotropyScore(unet, self.components.scheduler, t_hi=c.t_hi, t_lo=c.t_lo, g1=c.g1, g2=c.g2,
                                preset=c.preset, space=c.score_space)
 
+    def noise_seeds(self) -> list[int]:
+        """The noise seeds of every eval: ``eval.seed`` .. ``eval.seed + eval.seeds - 1``, the same
+        as ``memreg detect --seed S --seeds N`` (with ``--noise`` = ``eval.noise``)."""
+        return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
+
     def score_prompts(self, prompts: list[str], unet, scorer=None, encoder=None) -> dict[str, np.ndarray]:
-        """norm/align/score of each prompt, averaged over ``eval.seeds`` fixed noise draws."""
+        """norm/align/score of each prompt averaged over the fixed noise seeds, by
+        :func:`memreg.score.score_prompts` on :func:`memreg.score.noise_latents` (as ``memreg detect``)."""
         from memreg.encoding import PromptEncoder
+        from memreg.score import noise_latents, score_prompts
 
         c = self.cfg
         scorer = scorer or self._scorer(unet)
         encoder = encoder or PromptEncoder(self.components.tokenizer, self.components.text_encoder)
         device = next(unet.parameters()).device
-        uncond = encoder.uncond().to(device)
-        out = {t: np.zeros(len(prompts)) for t in TERMS}
-        for b in range(0, len(prompts), c.batch_size):
-            texts = prompts[b:b + c.batch_size]
-            embeds = encoder.encode(texts).embeds.to(device)
-            for d in range(c.seeds):
-                latents = torch.cat([probe_latents(unet, i, d, c.seed, device) for i in range(b, b + len(texts))])
-                res = scorer(latents, embeds, uncond)
-                for t in TERMS:
-                    out[t][b:b + len(texts)] += getattr(res, t).float().cpu().numpy() / c.seeds
-        return out
+        out = score_prompts(scorer, lambda texts: encoder.encode(texts).embeds.to(device), encoder.uncond().to(device),
+                            prompts, lambda texts, lo, seed: noise_latents(unet, texts, seed, c.noise, device=device),
+                            draws=self.noise_seeds(), batch_size=c.batch_size, shared_noise=c.noise == "shared")
+        return {t: getattr(out, t).double().mean(dim=0).numpy() for t in TERMS}
 
     def run_detection(self, step: int, unet) -> tuple[dict[str, float], dict]:
         t0 = time.perf_counter()
@@ -332,36 +325,36 @@ class MemorizationMonitor:
         results = {g: self.score_prompts([p.text for p in items], unet, scorer, encoder) for g, items in groups.items()}
         scalars: dict[str, float] = {}
         for g, res in results.items():
-            scalars[f"eval/{g}/n_prompts"] = float(len(groups[g]))
+            scalars[tags.eval_count(g)] = float(len(groups[g]))
             for t in TERMS:
                 for q, v in quantiles(res[t]).items():
-                    scalars[f"eval/{g}/{t}_{q}"] = v
+                    scalars[tags.eval_stat(g, t, q)] = v
         rocs = {}
         for pos, neg in CONTRASTS:
             if pos in results and neg in results:
                 name = f"{pos}_vs_{neg}"
                 for t in TERMS:
                     auc, tpr, fpr_c, tpr_c = roc_metrics(results[pos][t], results[neg][t])
-                    scalars[f"eval/auc/{name}/{t}"] = auc
-                    scalars[f"eval/tpr_at_1pct_fpr/{name}/{t}"] = tpr
+                    scalars[tags.eval_auc(name, t)] = auc
+                    scalars[tags.eval_tpr(name, t)] = tpr
                     rocs.setdefault(name, {})[t] = (fpr_c, tpr_c, auc)
-        scalars["eval/seconds"] = time.perf_counter() - t0
+        scalars[tags.EVAL_SECONDS] = time.perf_counter() - t0
         self._log_scalars(scalars, step)
         writer = self._tb_writer()
         if writer is not None:
             for g, res in results.items():
                 for t in TERMS:
-                    writer.add_histogram(f"eval_hist/{g}/{t}", res[t], step)
+                    writer.add_histogram(tags.eval_hist(g, t), res[t], step)
             if rocs:
-                writer.add_figure("eval/roc", self._roc_figure(rocs, step), step, close=True)
-            writer.add_text("eval/top_k_captions", self._top_k_table(groups, results), step)
+                writer.add_figure(tags.EVAL_ROC, self._roc_figure(rocs, step), step, close=True)
+            writer.add_text(tags.EVAL_TOP_K, self._top_k_table(groups, results), step)
             writer.flush()
         detail = {g: [{"prompt": p.text, "dup_count": p.dup_count, "record_id": p.record_id,
                        **{t: float(results[g][t][i]) for t in TERMS}} for i, p in enumerate(items)]
                   for g, items in groups.items()}
         logger.info("memorization eval at step %d: %s (%.1fs)", step,
-                    ", ".join(f"{g} score {scalars[f'eval/{g}/score_mean']:.3f}" for g in results),
-                    scalars["eval/seconds"])
+                    ", ".join(f"{g} score {scalars[tags.eval_stat(g, 'score', 'mean')]:.3f}" for g in results),
+                    scalars[tags.EVAL_SECONDS])
         return scalars, detail
 
     def _top_k_table(self, groups, results) -> str:
@@ -452,26 +445,26 @@ class MemorizationMonitor:
                 r = row_of_hash[p.image_hash]
                 own[n] = detector.similarity(gen_feats[n:n + 1], ref_feats[r:r + 1])[0, 0]
         thr = detector.threshold
-        scalars: dict[str, float] = {"copy/threshold": float(thr)}
+        scalars: dict[str, float] = {tags.COPY_THRESHOLD: float(thr)}
         detail: dict[str, list] = {}
         writer = self._tb_writer()
         for g in dict.fromkeys(j[0] for j in jobs):
             sel = [n for n, j in enumerate(jobs) if j[0] == g]
             sims = best[sel].numpy()
-            scalars[f"copy/{g}/memorized_frac"] = float((sims > thr).mean())
-            scalars[f"copy/{g}/sim_mean"] = float(sims.mean())
-            scalars[f"copy/{g}/sim_p95"] = float(np.percentile(sims, 95))
+            scalars[tags.copy_stat(g, "memorized_frac")] = float((sims > thr).mean())
+            scalars[tags.copy_stat(g, "sim_mean")] = float(sims.mean())
+            scalars[tags.copy_stat(g, "sim_p95")] = float(np.percentile(sims, 95))
             own_g = own[sel].numpy()
             if np.isfinite(own_g).any():
-                scalars[f"copy/{g}/own_sim_mean"] = float(np.nanmean(own_g))
-                scalars[f"copy/{g}/own_memorized_frac"] = float(np.mean(own_g[np.isfinite(own_g)] > thr))
-                scalars[f"copy/{g}/own_sim_p95"] = float(np.nanpercentile(own_g, 95))
+                scalars[tags.copy_stat(g, "own_sim_mean")] = float(np.nanmean(own_g))
+                scalars[tags.copy_stat(g, "own_memorized_frac")] = float(np.mean(own_g[np.isfinite(own_g)] > thr))
+                scalars[tags.copy_stat(g, "own_sim_p95")] = float(np.nanpercentile(own_g, 95))
             detail[g] = [{"prompt": jobs[n][3].text, "image": jobs[n][2],
                           "similarity": float(best[n]), "memorized": bool(best[n] > thr),
                           "nearest_record_id": self.train_records[ref_rows[int(nearest[n])]].get("id", ref_rows[int(nearest[n])]),
                           "own_similarity": None if not np.isfinite(float(own[n])) else float(own[n])} for n in sel]
             if writer is not None:
-                writer.add_histogram(f"copy_hist/{g}/similarity", sims, step)
+                writer.add_histogram(tags.copy_hist(g), sims, step)
                 rows = []
                 for n in sel[:c.grid_rows]:
                     p = jobs[n][3]
@@ -481,14 +474,14 @@ class MemorizationMonitor:
                         own_img = load_rgb(self.train_records[ref_rows[row_of_hash[p.image_hash]]]["image"])
                     rows.append((images[n], near_img, own_img, float(best[n]),
                                  None if own_img is None else float(own[n]), bool(best[n] > thr), p.text))
-                writer.add_image(f"copy_grid/{g}", np.asarray(copy_grid(rows, thr)), step, dataformats="HWC")
-        scalars["copy/seconds"] = time.perf_counter() - t0
+                writer.add_image(tags.copy_grid(g), np.asarray(copy_grid(rows, thr)), step, dataformats="HWC")
+        scalars[tags.COPY_SECONDS] = time.perf_counter() - t0
         self._log_scalars(scalars, step)
         if writer is not None:
             writer.flush()
         logger.info("copy check at step %d: %s (%.1fs)", step,
-                    ", ".join(f"{g} memorized {scalars[f'copy/{g}/memorized_frac']:.2f}" for g in detail),
-                    scalars["copy/seconds"])
+                    ", ".join(f"{g} memorized {scalars[tags.copy_stat(g, 'memorized_frac')]:.2f}" for g in detail),
+                    scalars[tags.COPY_SECONDS])
         return scalars, detail
 
     # ------------------------------------------------------------------ logging

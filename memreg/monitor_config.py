@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 COPY_DETECTORS = ("ssim", "sscd")  # built in; memreg.copy_detect.register_copy_detector adds others
 SCORE_PRESETS = ("sd1", "sd2")
 SCORE_SPACES = ("eps", "score")
+from memreg.score import NOISE_MODES  # noqa: E402  (one definition, shared with memreg detect)
 
 
 @dataclass
@@ -19,11 +21,15 @@ class EvalConfig:
     heldout_prompts: str | None = None     # held-out captions from a file ...
     heldout_fraction: float = 0.0          # ... or this fraction of the training set kept out of training
     dup_min_count: int = 2                 # an image occurring >= this many times makes its captions "duplicated"
+    duplicates_from: str | None = None     # an audit's clusters.jsonl: its clusters (near-duplicates included)
+                                           # define "the same image" instead of the exact pixel hash
     max_prompts_per_group: int = 64
     seeds: int = 2                         # noise draws per prompt (fixed across evals)
+    noise: str = "shared"                  # "shared" | "per-prompt": as `memreg detect --noise`
     batch_size: int = 16
     top_k: int = 10                        # highest-scoring training captions shown in the text table
-    seed: int = 1234                       # seed of the eval's own generators (never the training RNG)
+    seed: int = 1234                       # seed of the eval's own generators (never the training RNG); noise
+                                           # seeds seed .. seed+seeds-1 (= memreg detect --seed S --seeds N)
     # Anisotropy score (memreg.score.AnisotropyScore)
     preset: str | None = None              # "sd1" (g1=1, g2=2) | "sd2" (g1=1, g2=0.1); overrides g1/g2
     g1: float = 1.0                        # weight of the norm term
@@ -71,10 +77,14 @@ class EvalConfig:
             bad("top_k", "must be >= 0")
         if self.dup_min_count < 2:
             bad("dup_min_count", "must be >= 2 (an image occurring once is not duplicated)")
+        if self.duplicates_from is not None and not Path(self.duplicates_from).is_file():
+            bad("duplicates_from", "no such file (expected memreg audit's clusters.jsonl)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             bad("heldout_fraction", "must be in [0, 1)")
         if self.preset is not None and self.preset not in SCORE_PRESETS:
             bad("preset", f"must be one of {SCORE_PRESETS} or null")
+        if self.noise not in NOISE_MODES:
+            bad("noise", f"must be one of {NOISE_MODES}")
         if self.score_space not in SCORE_SPACES:
             bad("score_space", f"must be one of {SCORE_SPACES}")
         if not isinstance(self.copy_detector, str) or not self.copy_detector:

@@ -18,15 +18,26 @@ class PromptList:
     blank_lines: int
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    """One line as text (a UTF-8 BOM on the first line is dropped); binary or non-UTF-8 files are named."""
+    if b"\0" in raw:
+        raise PromptFileError(f"{path}:{lineno}: contains NUL bytes; a prompt file is UTF-8 text, one prompt per line")
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                              "a prompt file is UTF-8 text, one prompt per line") from None
+
+
 def read_prompts(path: str | Path, field: str = "caption") -> PromptList:
     """Prompts of ``path``; ``.jsonl`` files take ``field`` from each line. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist")
     prompts, blank = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, path, lineno).strip()
             if not line:
                 blank += 1
                 continue

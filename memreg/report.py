@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memreg import log_tags
+
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".memreg-report"
 TERMS = ("norm", "align", "score")
@@ -126,12 +128,15 @@ def _slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- plots
+STYLE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+
 def _figure(n_panels: int):
     from matplotlib.figure import Figure
 
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(4.6 * cols, 3.3 * rows))
+    fig = Figure(figsize=(4.6 * cols, 3.3 * rows + 0.6), layout="constrained")
     return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(n_panels)]
 
 
@@ -139,7 +144,6 @@ def _save(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    fig.tight_layout()
     fig.savefig(str(path), dpi=90)
 
 
@@ -148,6 +152,12 @@ def _colors(n: int) -> list:
 
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
+
+
+def _hex(color) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(color)
 
 
 def _groups_with(runs: list[RunData], pattern: str) -> list[str]:
@@ -162,34 +172,80 @@ def _groups_with(runs: list[RunData], pattern: str) -> list[str]:
     return list(out)
 
 
+@dataclass
+class Legend:
+    """What a plot's legend says: one entry per run (its colour) and one per line style."""
+
+    runs: list[tuple[str, str]]      # (run name, hex colour)
+    styles: list[tuple[str, str]]    # (style name, what it shows)
+    coincide: list[tuple[str, str]] = field(default_factory=list)  # runs whose curves are identical here
+
+    def labels(self) -> list[str]:
+        return [name for name, _ in self.runs] + [f"{st}: {what}" for st, what in self.styles]
+
+
+def _draw_panel(ax, runs, colors, lines, resolve) -> bool:
+    """Step series (one colour per run; earlier runs wider and below, so coinciding curves stay
+    visible), or grouped bars when no line of the panel has more than one point."""
+    series = [[run.series(resolve(tag, run)) for tag, _, _ in lines] for run in runs]
+    if max(len(st) for per_run in series for st, _ in per_run) <= 1:
+        width = 0.8 / len(runs)
+        for k, (per_run, color) in enumerate(zip(series, colors)):
+            for j, (st, vals) in enumerate(per_run):
+                if st:
+                    x = j + (k - (len(runs) - 1) / 2) * width
+                    ax.bar(x, vals[0], width, color=color, label=runs[k].name)
+                    ax.annotate(f"{vals[0]:.3g}\nstep {st[0]}", (x, vals[0]), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(lines)), [suffix.strip() or "value" for _, _, suffix in lines])
+        ax.margins(y=0.25)
+        return False
+    n = len(runs)
+    for k, (per_run, color) in enumerate(zip(series, colors)):
+        for (st, vals), (_, style, _) in zip(per_run, lines):
+            if st:
+                ax.plot(st, vals, style, color=color, label=runs[k].name, lw=1.2 + 3.0 * (n - 1 - k) / max(n - 1, 1), zorder=2 + k,
+                        marker="o" if len(st) < 30 else None, ms=3)
+    ax.set_xlabel("step")
+    return True
+
+
 def plot_panels(runs: list[RunData], panels: list[tuple[str, list[tuple[str, str, str]]]], path: Path,
-                ylabel: str) -> bool:
-    """One subplot per panel (title, [(tag, linestyle, label suffix)]), one colour per run.
+                ylabel: str) -> Legend | None:
+    """One subplot per panel (title, [(tag, linestyle, label suffix)]), one colour per run, and one
+    legend for the figure below the panels. Returns the legend (None: nothing logged, no file).
 
     A ``tag`` may be a function of the run (runs that name the same quantity differently)."""
+    from matplotlib.lines import Line2D
+
     def resolve(tag, run):
         return tag(run) if callable(tag) else tag
 
     panels = [(t, lines) for t, lines in panels
               if any(run.scalars.get(resolve(tag, run)) for run in runs for tag, _, _ in lines)]
     if not panels:
-        return False
+        return None
     fig, axes = _figure(len(panels))
     colors = _colors(len(runs))
+    drew_lines = False
     for ax, (title, lines) in zip(axes, panels):
-        for run, color in zip(runs, colors):
-            for tag, style, suffix in lines:
-                steps, values = run.series(resolve(tag, run))
-                if steps:
-                    ax.plot(steps, values, style, color=color, marker="o" if len(steps) < 30 else None, ms=3,
-                            label=f"{run.name}{suffix}")
+        drew_lines |= _draw_panel(ax, runs, colors, lines, resolve)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    styles = {style: suffix.strip() for _, lines in panels for _, style, suffix in lines if suffix.strip()}
+    logged = [any(run.scalars.get(resolve(tag, run)) for _, lines in panels for tag, _, _ in lines) for run in runs]
+    legend = Legend([(r.name + ("" if ok else " (not logged)"), _hex(c)) for r, c, ok in zip(runs, colors, logged)],
+                    [(STYLE_NAMES.get(st, st), what) for st, what in styles.items()] if len(styles) > 1 and drew_lines else [])
+    data = [[run.series(resolve(tag, run)) for _, lines in panels for tag, _, _ in lines] for run in runs]
+    legend.coincide = [(runs[i].name, runs[j].name) for i in range(len(runs)) for j in range(i + 1, len(runs))
+                       if logged[i] and data[i] == data[j]]
+    handles = [Line2D([], [], color=c, lw=2.5) for c in colors]
+    handles += [Line2D([], [], color="black", ls=st, lw=1.2) for st in styles] if legend.styles else []
+    fig.legend(handles, legend.labels(), loc="outside lower center", ncol=min(len(handles), 3 * min(len(panels), 3)),
+               fontsize=9,
+               frameon=False)
     _save(fig, path)
-    return True
+    return legend
 
 
 # ---------------------------------------------------------------------- html
@@ -208,12 +264,12 @@ def _summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
             rows.append((label, [_fmt(v) for v in vals]))
 
     add("last step (any scalar)", lambda r: max((max(d) for d in r.scalars.values() if d), default=None))
-    for g in _groups_with(runs, "eval/{}/score_mean"):
-        add(f"score mean: {g} (latest)", lambda r, g=g: r.latest(f"eval/{g}/score_mean"))
-    for c in _groups_with(runs, "eval/auc/{}/score"):
-        add(f"AUC {c.replace('_', ' ')}: score (latest)", lambda r, c=c: r.latest(f"eval/auc/{c}/score"))
-    for g in _groups_with(runs, "copy/{}/memorized_frac"):
-        add(f"memorized fraction: {g} (latest)", lambda r, g=g: r.latest(f"copy/{g}/memorized_frac"))
+    for g in _groups_with(runs, log_tags.eval_stat("{}", "score", "mean")):
+        add(f"score mean: {g} (latest)", lambda r, g=g: r.latest(log_tags.eval_stat(g, "score", "mean")))
+    for c in _groups_with(runs, log_tags.eval_auc("{}", "score")):
+        add(f"AUC {c.replace('_', ' ')}: score (latest)", lambda r, c=c: r.latest(log_tags.eval_auc(c, "score")))
+    for g in _groups_with(runs, log_tags.copy_stat("{}", "memorized_frac")):
+        add(f"memorized fraction: {g} (latest)", lambda r, g=g: r.latest(log_tags.copy_stat(g, "memorized_frac")))
 
     def last_of(suffix):
         def fn(r):
@@ -232,14 +288,29 @@ def _summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
 
     add("loss_mse (latest)", last_of("loss_mse"))
     add("step_time median (s)", median_of("step_time"))
-    add("eval seconds (latest)", lambda r: r.latest("eval/seconds"))
+    add("eval seconds (latest)", lambda r: r.latest(log_tags.EVAL_SECONDS))
     return rows
 
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1500px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}
 img{max-width:100%}h2{margin-top:1.6em;border-bottom:1px solid #ddd}pre{font-size:12px;white-space:pre-wrap}
-.note{color:#777}"""
+.note{color:#777}figure{margin:.5em 0}figcaption{font-size:13px;color:#333}
+.sw{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em;border-radius:2px}"""
+
+
+def figure_html(src: str, heading: str, legend: Legend) -> str:
+    """The plot with its legend repeated as text: the alt text and a caption name every run."""
+    e = html.escape
+    alt = f"{heading}. Legend: " + "; ".join(legend.labels())
+    runs = " ".join(f"<span class='sw' style='background:{c}'></span>{e(n)}&emsp;" for n, c in legend.runs)
+    styles = "; ".join(f"{e(st)}: {e(what)}" for st, what in legend.styles)
+    if legend.coincide:
+        same = ", ".join(f"{e(a)} = {e(b)}" for a, b in legend.coincide)
+        styles += ("; " if styles else "") + (f"identical values: {same} (drawn on top of each other, the earlier run "
+                                              "wider and underneath)")
+    return (f"<figure><img src='{src}' alt='{e(alt, quote=True)}'><figcaption>{runs}"
+            + (f"<br>{styles}" if styles else "") + "</figcaption></figure>")
 
 
 def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -> list[Path]:
@@ -250,15 +321,23 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
-    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>directory</th><th>event files</th></tr>")
-    for r in runs:
-        parts.append(f"<tr><td>{e(r.name)}</td><td>{e(str(r.path))}</td><td>{len(r.event_files)}</td></tr>")
+    if any(not r.name for r in runs) or len({r.name for r in runs}) < len(runs):
+        _name_runs(runs)  # callers that build RunData themselves (the demo) get names too
+    colors = [_hex(c) for c in _colors(len(runs))]
+
+    def swatch(k: int) -> str:
+        return f"<span class='sw' style='background:{colors[k]}'></span>{e(runs[k].name)}"
+
+    run_headers = "".join(f"<th>{swatch(k)}</th>" for k in range(len(runs)))
+    parts.append("<h2>Runs</h2><p class='note'>each run keeps its colour in every plot</p><table><tr><th>run</th>"
+                 "<th>directory</th><th>event files</th></tr>")
+    for k, r in enumerate(runs):
+        parts.append(f"<tr><td>{swatch(k)}</td><td>{e(str(r.path))}</td><td>{len(r.event_files)}</td></tr>")
     parts.append("</table>")
 
     rows = _summary_rows(runs)
     if rows:
-        parts.append("<h2>Latest values</h2><table><tr><th>metric</th>"
-                     + "".join(f"<th>{e(r.name)}</th>" for r in runs) + "</tr>")
+        parts.append("<h2>Latest values</h2><table><tr><th>metric</th>" + run_headers + "</tr>")
         for label, vals in rows:
             parts.append(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
         parts.append("</table>")
@@ -266,36 +345,41 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
     def section(heading: str, fname: str, panels, ylabel: str, note: str = ""):
         path = assets / fname
         parts.append(f"<h2>{e(heading)}</h2>")
-        if plot_panels(runs, panels, path, ylabel):
+        legend = plot_panels(runs, panels, path, ylabel)
+        if legend is not None:
             written.append(path)
             if note:
                 parts.append(f"<p class='note'>{e(note)}</p>")
-            parts.append(f"<img src='{e(assets.name)}/{e(fname)}' alt='{e(heading)}'>")
+            parts.append(figure_html(f"{e(assets.name)}/{e(fname)}", heading, legend))
         else:
             parts.append("<p class='note'>not logged in these runs</p>")
 
-    groups = _groups_with(runs, "eval/{}/score_mean")
+    groups = _groups_with(runs, log_tags.eval_stat("{}", "score", "mean"))
     section("Detection score per prompt group", "score_curves.png",
-            [(g, [(f"eval/{g}/score_mean", "-", " mean"), (f"eval/{g}/score_p95", "--", " p95")]) for g in groups],
+            [(g, [(log_tags.eval_stat(g, "score", "mean"), "-", " mean"),
+                  (log_tags.eval_stat(g, "score", "p95"), "--", " p95")]) for g in groups],
             "anisotropy score", "solid: mean over the group's prompts; dashed: 95th percentile")
     section("Norm and alignment terms per group", "term_curves.png",
-            [(f"{g}: {t}", [(f"eval/{g}/{t}_mean", "-", "")]) for g in groups for t in ("norm", "align")],
+            [(f"{g}: {t}", [(log_tags.eval_stat(g, t, "mean"), "-", "")]) for g in groups for t in ("norm", "align")],
             "mean over prompts")
-    contrasts = _groups_with(runs, "eval/auc/{}/score")
+    contrasts = _groups_with(runs, log_tags.eval_auc("{}", "score"))
     section("Detection AUC over steps", "auc_curves.png",
-            [(c.replace("_", " "), [(f"eval/auc/{c}/{t}", TERM_STYLES[t], f" {t}") for t in TERMS]) for c in contrasts],
+            [(c.replace("_", " "), [(log_tags.eval_auc(c, t), TERM_STYLES[t], f" {t}") for t in TERMS]) for c in contrasts],
             "AUC", "solid: combined score; dashed: norm; dotted: align")
     section("Detection TPR at 1% FPR over steps", "tpr_curves.png",
-            [(c.replace("_", " "), [(f"eval/tpr_at_1pct_fpr/{c}/{t}", TERM_STYLES[t], f" {t}") for t in TERMS])
-             for c in _groups_with(runs, "eval/tpr_at_1pct_fpr/{}/score")], "TPR @ 1% FPR")
+            [(c.replace("_", " "), [(log_tags.eval_tpr(c, t), TERM_STYLES[t], f" {t}") for t in TERMS])
+             for c in _groups_with(runs, log_tags.eval_tpr("{}", "score"))], "TPR @ 1% FPR")
     section("Copy check: memorized fraction", "memorized_frac.png",
-            [(g, [(f"copy/{g}/memorized_frac", "-", "")]) for g in _groups_with(runs, "copy/{}/memorized_frac")],
+            [(g, [(log_tags.copy_stat(g, "memorized_frac"), "-", "")])
+             for g in _groups_with(runs, log_tags.copy_stat("{}", "memorized_frac"))],
             "fraction of generations over the threshold")
     section("Copy check: 95th-percentile similarity to the nearest training image", "copy_sim_p95.png",
-            [(g, [(f"copy/{g}/sim_p95", "-", "")]) for g in _groups_with(runs, "copy/{}/sim_p95")], "similarity")
+            [(g, [(log_tags.copy_stat(g, "sim_p95"), "-", "")])
+             for g in _groups_with(runs, log_tags.copy_stat("{}", "sim_p95"))], "similarity")
+
     def first_tag(name):
-        def fn(run):
-            tags = run.tags_ending(name)
+        def fn(run):  # the exact leaf (train/loss_mse) before unit-suffixed ones
+            tags = sorted(run.tags_ending(name), key=lambda t: t.rsplit("/", 1)[-1] != name)
             return tags[0] if tags else ""
         return fn
 
@@ -306,7 +390,7 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
     image_tags = sorted({t for r in runs for t in r.images})
     parts.append("<h2>Latest images</h2>")
     if image_tags:
-        parts.append("<table><tr><th>tag</th>" + "".join(f"<th>{e(r.name)}</th>" for r in runs) + "</tr>")
+        parts.append("<table><tr><th>tag</th>" + run_headers + "</tr>")
         for tag in image_tags:
             cells = []
             for k, r in enumerate(runs):

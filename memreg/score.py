@@ -7,31 +7,41 @@ On pure-noise latents ``x_T`` and for a prompt embedding ``c`` (``u`` = empty pr
           a channel-axis cosine at each latent position, at a low-noise timestep on the same x_T;
 * score = g1 * norm + g2 * align.
 
-The four UNet evaluations run as one batch ``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]``. Everything is
-differentiable, so the same code serves detection (no_grad) and the training penalty.
+The four UNet evaluations run as one batch ``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]`` (``terms="norm"``:
+the ``t_hi`` half only; ``terms="align"``: the ``t_lo`` half only). Everything is differentiable, so
+the same code serves detection (no_grad) and the training penalty. :func:`score_prompts` is the one
+batched scoring loop over prompt lists and noise draws: ``memreg detect``, the training monitor's
+``eval/*`` scalars and the penalty's calibration all call it, so they agree on the same prompts and
+noise (:func:`noise_latents`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 PRESETS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
 SPACES = ("eps", "score")
+TERM_SETS = ("both", "norm", "align")     # which half of the 4-sample batch a caller runs
+NOISE_MODES = ("shared", "per-prompt")
 
 
 @dataclass
 class ScoreOutput:
     """Per-sample terms, float32 tensors of shape (B,)."""
 
-    norm: Tensor
-    align: Tensor
-    score: Tensor
+    norm: Tensor                     # nan where the t_hi half was not run (terms="align")
+    align: Tensor                    # nan where the t_lo half was not run (terms="norm")
+    score: Tensor                    # g1*norm + g2*align over the terms that were run
+    norm_lo: Tensor | None = None    # guidance norm at t_lo (when the t_lo half was run)
 
     def detach(self) -> "ScoreOutput":
-        return ScoreOutput(self.norm.detach(), self.align.detach(), self.score.detach())
+        return ScoreOutput(self.norm.detach(), self.align.detach(), self.score.detach(),
+                           None if self.norm_lo is None else self.norm_lo.detach())
 
 
 def ddim_timesteps(scheduler_config, num_inference_steps: int = 50) -> list[int]:
@@ -150,38 +160,48 @@ class AnisotropyScore:
         self.space = space
         self.chunk_size = chunk_size
 
-    def unet_inputs(self, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor):
+    def unet_inputs(self, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor, terms: str = "both"):
         """The (4B) batch ``[u@t_hi, c@t_hi, u@t_lo, c@t_lo]``: (sample, timesteps, embeddings).
 
-        Exposed so the training penalty can concatenate it onto its own denoising batch.
+        ``terms="norm"`` / ``"align"``: only the ``t_hi`` / ``t_lo`` half (2B). Exposed so the
+        training penalty can concatenate it onto its own denoising batch.
         """
+        if terms not in TERM_SETS:
+            raise ValueError(f"terms must be one of {TERM_SETS}, got {terms!r}")
         b = latents.shape[0]
         if cond_embeds.shape[0] != b:
             raise ValueError(f"cond_embeds has batch {cond_embeds.shape[0]}, latents have {b}")
         uncond = uncond_embeds.expand(b, *uncond_embeds.shape[1:]) if uncond_embeds.shape[0] == 1 else uncond_embeds
         if uncond.shape != cond_embeds.shape:
             raise ValueError(f"uncond_embeds {tuple(uncond_embeds.shape)} does not broadcast to {tuple(cond_embeds.shape)}")
-        sample = latents.repeat(4, 1, 1, 1)
-        t = torch.tensor([self.t_hi] * (2 * b) + [self.t_lo] * (2 * b), device=latents.device, dtype=torch.long)
-        embeds = torch.cat([uncond, cond_embeds, uncond, cond_embeds])
+        halves = {"norm": [self.t_hi], "align": [self.t_lo], "both": [self.t_hi, self.t_lo]}[terms]
+        sample = latents.repeat(2 * len(halves), 1, 1, 1)
+        t = torch.tensor([tt for tt in halves for _ in range(2 * b)], device=latents.device, dtype=torch.long)
+        embeds = torch.cat([uncond, cond_embeds] * len(halves))
         return sample, t, embeds
 
-    def from_unet_output(self, model_output: Tensor, latents: Tensor) -> ScoreOutput:
-        """Score terms from the UNet's output on ``unet_inputs(latents, ...)``; fp32 math."""
+    def from_unet_output(self, model_output: Tensor, latents: Tensor, terms: str = "both") -> ScoreOutput:
+        """Score terms from the UNet's output on ``unet_inputs(latents, ..., terms)``; fp32 math."""
         out = model_output.float()
         x = latents.float()
-        u_hi, c_hi, u_lo, c_lo = out.chunk(4)
-        ab_hi = self._alpha_bar(self.t_hi, x)
-        ab_lo = self._alpha_bar(self.t_lo, x)
-        if self.space == "eps":
-            diff_hi = to_epsilon(c_hi, x, ab_hi, self.prediction_type) - to_epsilon(u_hi, x, ab_hi, self.prediction_type)
-        else:
-            diff_hi = to_score_space(c_hi, x, ab_hi, self.prediction_type) - to_score_space(u_hi, x, ab_hi, self.prediction_type)
-        eps_u_lo = to_epsilon(u_lo, x, ab_lo, self.prediction_type)
-        eps_c_lo = to_epsilon(c_lo, x, ab_lo, self.prediction_type)
-        norm = guidance_norm(diff_hi)
-        align = channel_alignment(eps_u_lo, eps_c_lo - eps_u_lo)
-        return ScoreOutput(norm=norm, align=align, score=self.g1 * norm + self.g2 * align)
+        parts = out.chunk(4 if terms == "both" else 2)
+        nan = torch.full((x.shape[0],), float("nan"), device=x.device)
+        norm, align, norm_lo, score = nan, nan, None, torch.zeros_like(nan)
+        if terms in ("both", "norm"):
+            u_hi, c_hi = parts[0], parts[1]
+            ab_hi = self._alpha_bar(self.t_hi, x)
+            conv = to_epsilon if self.space == "eps" else to_score_space
+            norm = guidance_norm(conv(c_hi, x, ab_hi, self.prediction_type) - conv(u_hi, x, ab_hi, self.prediction_type))
+            score = score + self.g1 * norm
+        if terms in ("both", "align"):
+            u_lo, c_lo = parts[-2], parts[-1]
+            ab_lo = self._alpha_bar(self.t_lo, x)
+            eps_u_lo = to_epsilon(u_lo, x, ab_lo, self.prediction_type)
+            guidance = to_epsilon(c_lo, x, ab_lo, self.prediction_type) - eps_u_lo
+            align = channel_alignment(eps_u_lo, guidance)
+            norm_lo = guidance_norm(guidance)
+            score = score + self.g2 * align
+        return ScoreOutput(norm=norm, align=align, score=score, norm_lo=norm_lo)
 
     def __call__(self, latents: Tensor, cond_embeds: Tensor, uncond_embeds: Tensor) -> ScoreOutput:
         sample, t, embeds = self.unet_inputs(latents, cond_embeds, uncond_embeds)
@@ -198,6 +218,91 @@ class AnisotropyScore:
 
     def _alpha_bar(self, t: int, like: Tensor) -> Tensor:
         return self.alphas_cumprod[t].to(device=like.device, dtype=torch.float32).expand(like.shape[0])
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """A 63-bit generator seed from (noise seed, prompt text)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def noise_latents(unet, prompts: Sequence[str], seed: int, noise: str = "shared", device=None) -> Tensor:
+    """Float32 x_T of shape (len(prompts), C, H, W) for noise seed ``seed``, drawn on the CPU.
+
+    ``"shared"`` (the paper's released code): one x_T per seed for every prompt; ``"per-prompt"``:
+    each prompt its own x_T from a generator seeded by (seed, the prompt text). Either way a
+    prompt's noise depends only on (prompt, seed), never on batch size, order or device.
+    """
+    if noise == "shared":
+        x = pure_noise_latents(unet, 1, torch.Generator().manual_seed(int(seed)), device=device)
+        return x.expand(len(prompts), *x.shape[1:])
+    if noise == "per-prompt":
+        return torch.cat([pure_noise_latents(unet, 1, torch.Generator().manual_seed(prompt_seed(seed, p)), device=device)
+                          for p in prompts])
+    raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+
+
+def _score_shared(scorer: AnisotropyScore, run_unet, x: Tensor, cond: Tensor, uncond: Tensor, cache: dict, key):
+    """``scorer`` on a batch whose x_T rows are all equal: the two unconditional outputs are the
+    same for every prompt, so they are computed once per ``key`` (noise draw) and reused."""
+    b = cond.shape[0]
+    if key not in cache:
+        x1 = x[:1]
+        t = torch.tensor([scorer.t_hi, scorer.t_lo], device=x.device, dtype=torch.long)
+        cache[key] = run_unet(torch.cat([x1, x1]), t, torch.cat([uncond[:1], uncond[:1]]))
+    out_u = cache[key]
+    t = torch.tensor([scorer.t_hi] * b + [scorer.t_lo] * b, device=x.device, dtype=torch.long)
+    c_hi, c_lo = run_unet(torch.cat([x, x]), t, torch.cat([cond, cond])).chunk(2)
+    u_hi = out_u[0:1].expand(b, *out_u.shape[1:])
+    u_lo = out_u[1:2].expand(b, *out_u.shape[1:])
+    return scorer.from_unet_output(torch.cat([u_hi, c_hi, u_lo, c_lo]), x)
+
+
+@torch.no_grad()
+def score_prompts(scorer: AnisotropyScore, encode: Callable[[list[str]], Tensor], uncond: Tensor,
+                  prompts: Sequence[str], noise: Callable[[list[str], int, int], Tensor], *,
+                  draws: Sequence[int] = (0,), batch_size: int = 16, terms: str = "both",
+                  run_unet: Callable | None = None, shared_noise: bool = False,
+                  on_batch: Callable | None = None) -> ScoreOutput:
+    """Score ``prompts`` in batches on every noise draw; terms of shape (len(draws), len(prompts)).
+
+    ``encode(list[str]) -> (n, L, D)`` runs once per batch; ``noise(batch_prompts, start, draw)``
+    gives that batch's float32 x_T for ``draw`` (e.g. :func:`noise_latents`); ``run_unet(sample,
+    t, embeds)`` defaults to ``scorer.run_unet``. ``shared_noise=True`` (the caller's noise gives
+    every prompt of a draw the same x_T, ``terms="both"``): the unconditional half is computed
+    once per draw and each batch needs a 2B-sample UNet call (same numbers up to rounding).
+    ``on_batch(start, draw, x, cond, out)`` is called after each scored batch (progress, extras).
+    Callers average over draws (detect, monitor) or keep single draws (penalty calibration).
+    """
+    draws = list(draws)
+    if not draws:
+        raise ValueError("need at least one noise draw")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shared_noise and terms != "both":
+        raise ValueError("shared_noise needs terms='both'")
+    run_unet = run_unet or scorer.run_unet
+    cache: dict = {}
+    rows: dict[str, list[list[Tensor]]] = {k: [[] for _ in draws] for k in ("norm", "align", "score", "norm_lo")}
+    for lo in range(0, len(prompts), batch_size):
+        batch = list(prompts[lo:lo + batch_size])
+        cond = encode(batch)
+        u = uncond.to(device=cond.device, dtype=cond.dtype)
+        for i, d in enumerate(draws):
+            x = noise(batch, lo, d).to(cond.device)
+            if shared_noise:
+                out = _score_shared(scorer, run_unet, x, cond, u, cache, d)
+            else:
+                out = scorer.from_unet_output(run_unet(*scorer.unet_inputs(x, cond, u, terms)), x, terms)
+            for k in rows:
+                v = getattr(out, k)
+                rows[k][i].append((v if v is not None else torch.full_like(out.score, float("nan"))).float().cpu())
+            if on_batch is not None:
+                on_batch(lo, d, x, cond, out)
+    if not prompts:
+        return ScoreOutput(*(torch.zeros(len(draws), 0) for _ in range(4)))
+    stacked = {k: torch.stack([torch.cat(r) for r in v]) for k, v in rows.items()}
+    return ScoreOutput(**stacked)
 
 
 @torch.no_grad()

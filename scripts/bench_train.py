@@ -3,8 +3,9 @@
 
     python scripts/bench_train.py [--reps 5] [--cycles 4] [--model DIR] [--data DIR]
 
-Configs (all from configs/tiny_cpu.yaml, LoRA, batch 4): ``none``; ``penalty`` at the GuardConfig
-defaults (k = 2 probes every 4th step); the penalty at k = 1, 2, 4 probes (other settings default).
+Configs (all from configs/tiny_cpu.yaml, LoRA, batch 4): ``none``; ``penalty`` at the
+:class:`memreg.guards.penalty.PenaltyConfig` defaults (k = 2 probes every 8th step); the penalty at
+k = 1, 2, 4 probes (other settings default); ``agc`` (anti-gradient control: a mask, no extra forward).
 Runs are in-process and interleaved (the config order rotates every repetition); each run trains
 ``1 + cycles * every_n_steps`` steps and the first step is dropped. Reported per config, as medians
 over repetitions:
@@ -119,7 +120,8 @@ def main(argv=None):
 
     import torch
 
-    from memreg.training.config import GuardConfig, load_config
+    from memreg.guards.penalty import PenaltyConfig
+    from memreg.training.config import load_config
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
@@ -133,7 +135,7 @@ def main(argv=None):
         model = Path(args.model)
     data = Path(args.data) if args.data else write_imagefolder(root / "data")
 
-    d = GuardConfig()
+    d = PenaltyConfig()
     n = d.every_n_steps
     steps = 1 + args.cycles * n
     configs = {
@@ -142,6 +144,7 @@ def main(argv=None):
         "penalty k=1": ["--guard.type", "penalty", "--guard.probes_per_step", "1"],
         "penalty k=2": ["--guard.type", "penalty", "--guard.probes_per_step", "2"],
         "penalty k=4": ["--guard.type", "penalty", "--guard.probes_per_step", "4"],
+        "agc": ["--guard.type", "agc"],
     }
     base_cfg = load_config(["--config", str(TINY), "--pretrained_model_name_or_path", str(model),
                             "--train_data_dir", str(data)])

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,107 @@ def test_shared_uncond_cache_v_prediction_score_space(v_components, shared_promp
     for term in ("norm", "align", "score"):
         np.testing.assert_allclose(cached.term(term), full.term(term), rtol=1e-5, atol=1e-5, err_msg=term)
         np.testing.assert_allclose(cached.term(term), single.term(term), rtol=1e-5, atol=1e-5, err_msg=term)
+
+
+# ------------------------------------------------------------------------------------------
+# Sharded scoring (--shard-size, accelerate launch): parts under --out/parts, resume, N processes
+# ------------------------------------------------------------------------------------------
+
+SHARD = 16  # 64 prompts -> 4 shards of 2 batches of 8
+
+
+def _argv_with_out(run, out: Path, *extra) -> list[str]:
+    argv = list(run["argv"])
+    argv[argv.index("--out") + 1] = str(out)
+    return argv + list(extra)
+
+
+def _part_headers(out: Path) -> list[dict]:
+    return [json.loads(p.read_text().splitlines()[0]) for p in sorted((out / "parts").glob("shard-*.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(detect_run, tmp_path_factory):
+    """The same run as ``detect_run`` on one process, scored in 4 resumable shards."""
+    out = tmp_path_factory.mktemp("detect_sharded") / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(_argv_with_out(detect_run, out, "--shard-size", str(SHARD)))
+    return {"rc": rc, "out": out}
+
+
+def test_sharded_one_process_equals_unsharded(detect_run, sharded_run):
+    out = sharded_run["out"]
+    assert sharded_run["rc"] == 0
+    heads = _part_headers(out)
+    assert [(h["shard"], h["start"], h["stop"], h["rank"]) for h in heads] == [
+        (0, 0, 16, 0), (1, 16, 32, 0), (2, 32, 48, 0), (3, 48, 64, 0)]
+    # same batches of 8 as the unsharded run, so the very same floats
+    assert (out / "scores.jsonl").read_text() == (detect_run["out"] / "scores.jsonl").read_text()
+    a, b = _report(detect_run), json.loads((out / "report.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["fit_weights"] == b["fit_weights"]
+    assert b["settings"]["shard_size"] == SHARD and b["timing"]["processes"] == 1
+    assert "shard_size" not in a["settings"]  # the plain run is unchanged: no parts, no new fields
+    assert not (detect_run["out"] / "parts").exists()
+
+
+def test_sharded_resume_scores_only_missing_shards(detect_run, sharded_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(sharded_run["out"], out)
+    argv = _argv_with_out(detect_run, out, "--shard-size", str(SHARD))
+    capsys.readouterr()
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # finished outputs are kept
+    (out / "parts" / "shard-00002.jsonl").unlink()  # as if killed before shard 2 was written ...
+    (out / "parts" / ".shard-00002.jsonl.99.tmp").write_text('{"shard": 2}\n{"i": 32')  # ... mid-write
+    assert main(argv + ["--overwrite"]) == 0
+    assert "process 0/1: 1 shard(s) scored, 3 already finished" in capsys.readouterr().err
+    assert (out / "scores.jsonl").read_text() == (detect_run["out"] / "scores.jsonl").read_text()
+
+
+def test_sharded_refuses_parts_of_other_settings(detect_run, sharded_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(sharded_run["out"], out)
+    for f in ("scores.jsonl", "report.json", "roc.png"):
+        (out / f).unlink()
+    before = (out / "parts" / "shard-00000.jsonl").read_text()
+    capsys.readouterr()
+    assert main(_argv_with_out(detect_run, out, "--shard-size", str(SHARD), "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shards of a detect run with other settings" in err
+    assert (out / "parts" / "shard-00000.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("size", ["12", "0"])
+def test_error_shard_size_not_a_multiple_of_batch(detect_run, tmp_path, capsys, size):
+    assert main(_argv_with_out(detect_run, tmp_path / "out", "--shard-size", size)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--shard-size" in err and "--batch-size 8" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one(detect_run, tmp_path):
+    """``accelerate launch`` of 2 CPU processes (gloo, as tests/audit/test_distributed.py): each
+    scores its shards, the main process merges; the floats equal the one-process run's, which ran
+    at 1 torch thread (module fixture), as each launched process does (OMP_NUM_THREADS=1)."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29543", "-m", "memreg.cli",
+           *_argv_with_out(detect_run, out, "--shard-size", str(SHARD))]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(repo))
+    # own process group: on a timeout the launcher's workers are ended too
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("accelerate launch timed out: " + proc.communicate()[0][-4000:])
+    assert proc.returncode == 0, log[-4000:]
+    assert "process 0/2: 2 shard(s) scored" in log and "process 1/2: 2 shard(s) scored" in log
+    assert [h["rank"] for h in _part_headers(out)] == [0, 1, 0, 1]
+    assert (out / "scores.jsonl").read_text() == (detect_run["out"] / "scores.jsonl").read_text()
+    r = json.loads((out / "report.json").read_text())
+    assert r["metrics"] == _report(detect_run)["metrics"] and r["timing"]["processes"] == 2

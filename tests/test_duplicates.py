@@ -69,3 +69,26 @@ def test_first_caption():
     assert first_caption("  plain ") == "plain"
     assert first_caption([]) == ""
     assert first_caption(None) == ""
+
+
+def test_audit_clusters_regroup_near_duplicates(tmp_path):
+    """With an audit's clusters.jsonl, images in one cluster count as one (near-duplicates too)."""
+    import json
+
+    from memreg.monitor_config import EvalConfig
+
+    a, a_jpeg, b, c = _img(1), _img(2), _img(3), _img(4)  # a_jpeg: another image standing in for a's copy
+    clusters = tmp_path / "clusters.jsonl"
+    clusters.write_text(json.dumps({"cluster": 0, "members": [{"row": 0, "sha256": content_hash(a)},
+                                                              {"row": 1, "sha256": content_hash(a_jpeg)}]}) + "\n")
+    records = [{"image": im} for im in (a, a_jpeg, b, a, c)]
+    assert find_duplicates(records).counts[content_hash(a)] == 2
+    idx = find_duplicates(records, clusters_from=clusters)
+    assert [idx.count(i) for i in range(5)] == [3, 3, 1, 3, 1]
+    assert idx.hashes[0] == idx.hashes[1] == "cluster:0" and idx.hashes[2] == content_hash(b)
+    assert EvalConfig(duplicates_from=str(clusters)).duplicates_from == str(clusters)
+    with pytest.raises(ValueError, match="eval.duplicates_from"):
+        EvalConfig(duplicates_from=str(tmp_path / "missing.jsonl"))
+    clusters.write_text('{"rows": [1]}\n')
+    with pytest.raises(ValueError, match="line 1 is not a memreg audit cluster"):
+        find_duplicates(records, clusters_from=clusters)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memreg.monitor import GROUPS, MemorizationMonitor, derive_seed, probe_latents, subsample
+from memreg.monitor import GROUPS, MemorizationMonitor, subsample
 from memreg.monitor_config import EvalConfig
 
 TERMS = ("norm", "align", "score")
@@ -200,16 +200,35 @@ def test_auc_matches_hand_count(monitored_run):
     assert monitored_run["results"][0]["eval/auc/duplicated_vs_unique/score"] == pytest.approx(wins / (len(pos) * len(neg)))
 
 
-def test_probe_noise_ignores_global_rng(components):
-    torch.manual_seed(1)
-    a = probe_latents(components.unet, 3, 1, seed=1234)
-    torch.manual_seed(2)
-    torch.randn(10)
-    b = probe_latents(components.unet, 3, 1, seed=1234)
-    c = probe_latents(components.unet, 3, 0, seed=1234)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (1, 4, 16, 16)
-    assert derive_seed("probe", 1234, 3, 1) != derive_seed("probe", 1234, 1, 3)
+@pytest.mark.parametrize("noise", ["shared", "per-prompt"])
+def test_tensorboard_eval_scalars_agree_with_memreg_detect(monitored_run, components, dataset, tmp_path, noise):
+    """The eval/<group>/*_mean scalars are the means of `memreg detect`'s scores on the same prompts
+    with --seed eval.seed --seeds eval.seeds --noise eval.noise (detect's own scoring code)."""
+    from memreg.detect import score_prompts
+    from memreg.encoding import PromptEncoder
+    from memreg.score import AnisotropyScore
+
+    if noise == "shared":   # the monitored run itself (default noise), read back from its event files
+        scalars = read_events(monitored_run["root"] / "logs")["scalars"]
+        logged = {f"{g}/{t}": scalars[f"eval/{g}/{t}_mean"][0] for g in GROUPS for t in TERMS}
+        groups = monitored_run["monitor"].groups()
+    else:
+        acc = make_accelerator(tmp_path / "logs")
+        mon = MemorizationMonitor(eval_cfg(dataset, noise=noise, seeds=2), components=components,
+                                  train_records=dataset["train"], heldout_records=dataset["heldout"],
+                                  accelerator=acc, output_dir=tmp_path / "out")
+        logged, _ = mon.run_detection(0, components.unet)
+        acc.end_training()
+        logged = {f"{g}/{t}": logged[f"eval/{g}/{t}_mean"] for g in GROUPS for t in TERMS}
+        groups = mon.groups()
+    seeds = [1234] if noise == "shared" else [1234, 1235]
+    scorer = AnisotropyScore(components.unet, components.scheduler)
+    encoder = PromptEncoder(components.tokenizer, components.text_encoder)
+    for g in GROUPS:
+        res = score_prompts(scorer, encoder, components.scheduler, [p.text for p in groups[g]], seeds=seeds,
+                            batch_size=1, wen_steps=0, noise=noise)
+        for t in TERMS:
+            assert logged[f"{g}/{t}"] == pytest.approx(float(np.mean(res.term(t))), rel=1e-5, abs=1e-6), (g, t)
 
 
 def test_subsample_is_deterministic():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memreg.encoding import PromptEncoder
-from memreg.penalty import Calibration, MemorizationPenalty, make_scorer
+from memreg.guards.penalty import Calibration, MemorizationPenalty, make_scorer
 
 
 class _FakeScorer:

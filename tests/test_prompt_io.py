@@ -69,3 +69,35 @@ def test_shared_lists_read(shared_prompts):
         pl = read_prompts(shared_prompts / name)
         assert len(pl.prompts) > 100
         assert all(p == p.strip() and p for p in pl.prompts)
+
+
+def test_binary_file_is_a_named_error(tmp_path):
+    f = tmp_path / "prog.txt"
+    f.write_bytes(b"a red car\n\x7fELF\x02\x01\x01\x00\x00\n")
+    with pytest.raises(PromptFileError, match=r"prog.txt:2: contains NUL bytes"):
+        read_prompts(f)
+
+
+def test_non_utf8_line_is_named_with_its_line_and_column(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("a red car\n\nun caf\u00e9\n".encode("latin-1"))  # line 3: 'caf' + 0xe9
+    with pytest.raises(PromptFileError, match=r"latin1.txt:3: not UTF-8 text \(byte 0xe9 at column 7\)"):
+        read_prompts(f)
+
+
+def test_utf8_bom_is_dropped(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffa red car\nthe moon\n".encode("utf-8"))
+    assert read_prompts(f).prompts == ["a red car", "the moon"]
+
+
+def test_detect_cli_names_a_binary_prompt_file_with_exit_2(tmp_path, capsys):
+    from memreg.cli import main
+
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a red car\n", encoding="utf-8")
+    rc = main(["detect", "--model", str(tmp_path / "no_model"), "--mem", "/bin/ls", "--nonmem", str(ok),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "--mem" in err and "/bin/ls:" in err and "Traceback" not in err

@@ -105,3 +105,140 @@ def test_report_via_cli(two_runs, tmp_path):
     except SystemExit as e:  # argparse: the report subcommand is not registered (yet)
         pytest.skip(f"memreg.cli has no working 'report' subcommand (exit {e.code})")
     assert rc in (0, None) and "run_beta" in out.read_text()
+
+
+# ---------------------------------------------------------------------- readability (issue 12)
+
+class _Tables:
+    """Header cells and body rows of every <table>, and alt/caption of every <figure>, with html.parser."""
+
+    def __init__(self, page: str):
+        from html.parser import HTMLParser
+
+        self.tables: list[dict] = []
+        self.figures: list[dict] = []
+        outer = self
+
+        class P(HTMLParser):
+            cell = None
+
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "table":
+                    outer.tables.append({"head": [], "rows": []})
+                elif tag == "tr" and outer.tables:
+                    outer.tables[-1]["rows"].append([])
+                elif tag in ("th", "td"):
+                    self.cell = [tag, ""]
+                elif tag == "figure":
+                    outer.figures.append({"alt": "", "caption": ""})
+                elif tag == "img" and outer.figures and not outer.figures[-1]["alt"]:
+                    outer.figures[-1]["alt"] = a.get("alt", "")
+                elif tag == "figcaption":
+                    self.cell = ["figcaption", ""]
+
+            def handle_data(self, data):
+                if self.cell is not None:
+                    self.cell[1] += data
+
+            def handle_endtag(self, tag):
+                if tag in ("th", "td") and self.cell:
+                    t = outer.tables[-1]
+                    (t["head"] if self.cell[0] == "th" else t["rows"][-1]).append(self.cell[1].strip())
+                    self.cell = None
+                elif tag == "figcaption" and self.cell:
+                    outer.figures[-1]["caption"] = self.cell[1]
+                    self.cell = None
+
+        P().feed(page)
+
+
+def _write_copy_series(run_dir: Path, steps: list[int], value: float) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run_dir / "memreg" / "copy"))
+    for s in steps:
+        w.add_scalar("copy/duplicated/memorized_frac", value + 0.01 * s, s)
+    w.close()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every plot/bar call (label, colour) per PNG, and every figure legend's labels."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    calls = {"lines": [], "bars": [], "legends": []}
+    real_plot, real_bar, real_legend = Axes.plot, Axes.bar, Figure.legend
+
+    def plot(self, *a, **k):
+        calls["lines"].append((id(self.figure), k.get("label"), k.get("color")))
+        return real_plot(self, *a, **k)
+
+    def bar(self, x, height, *a, **k):
+        calls["bars"].append((id(self.figure), k.get("label"), k.get("color"), float(height)))
+        return real_bar(self, x, height, *a, **k)
+
+    def legend(self, handles, labels, **k):
+        calls["legends"].append((id(self), list(labels), k.get("loc")))
+        return real_legend(self, handles, labels, **k)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    monkeypatch.setattr(Axes, "bar", bar)
+    monkeypatch.setattr(Figure, "legend", legend)
+    return calls
+
+
+def test_every_table_header_and_plot_legend_names_every_run(two_runs, tmp_path, recorded):
+    gamma = tmp_path / "run_gamma"
+    _write_run(gamma, 2)
+    dirs = [*two_runs, gamma]
+    names = ["run_alpha", "run_beta", "run_gamma"]
+    runs = [report.load_run(d) for d in dirs]
+    assert all(r.name == "" for r in runs)                 # as the demo calls it: no _name_runs first
+    out = tmp_path / "r.html"
+    report.build_report(runs, out)
+    page = _Tables(out.read_text())
+    runs_table, *per_run_tables = page.tables
+    assert [row[0] for row in runs_table["rows"][1:]] == names        # no empty "run" column
+    assert len(per_run_tables) == 2                                    # latest values, latest images
+    for t in per_run_tables:
+        assert t["head"][1:] == names
+    assert len(page.figures) == 8
+    for fig in page.figures:
+        for n in names:
+            assert n in fig["alt"] and n in fig["caption"]
+    # the labels matplotlib drew: one figure legend per plot, below the axes, naming every run
+    assert len(recorded["legends"]) == 8
+    for _, labels, loc in recorded["legends"]:
+        assert labels[:3] == names and loc == "outside lower center"
+    # one colour per run across all plots, and every run drawn in the loss plot
+    colour = {}
+    for _, label, c, *_ in recorded["lines"] + recorded["bars"]:
+        colour.setdefault(label, set()).add(tuple(c))
+    assert sorted(colour) == names and all(len(c) == 1 for c in colour.values())
+    assert len({next(iter(c)) for c in colour.values()}) == 3
+
+
+def test_the_loss_plot_shows_runs_whose_curves_coincide(tmp_path, recorded):
+    a, b = tmp_path / "none", tmp_path / "penalty"
+    _write_run(a, 0, loss_tag="train/loss_mse")
+    _write_run(b, 0, loss_tag="train/loss_mse")            # identical curves (a guard that never fired)
+    runs = [report.load_run(d) for d in (a, b)]
+    report.build_report(runs, tmp_path / "r.html")
+    loss_fig = recorded["lines"][-4][0]                      # loss is drawn before the step-time plot
+    loss_lines = [x for x in recorded["lines"] if x[0] == loss_fig]
+    assert [lbl for _, lbl, _ in loss_lines] == ["none", "penalty"]
+    page = (tmp_path / "r.html").read_text()
+    assert "identical values: none = penalty" in page
+
+
+def test_copy_check_logged_once_is_bars_and_logged_often_is_a_step_series(tmp_path, recorded):
+    once, often = tmp_path / "once", tmp_path / "often"
+    _write_copy_series(once, [600], 0.5)
+    _write_copy_series(often, [0, 200, 400, 600], 0.1)
+    report.build_report([report.load_run(once)], tmp_path / "a.html")
+    assert [(lbl, h) for _, lbl, _, h in recorded["bars"]] == [("once", pytest.approx(0.5 + 6.0))]
+    assert not recorded["lines"]
+    report.build_report([report.load_run(often)], tmp_path / "b.html")
+    assert [lbl for _, lbl, _ in recorded["lines"]] == ["often"] and len(recorded["bars"]) == 1

@@ -1,8 +1,10 @@
 """The demo's end-of-run measurements for one fine-tuned model.
 
-* memorized fraction: generations for each duplicated caption whose similarity to that caption's
-  own training photo exceeds the calibrated copy detector's threshold (``memreg.copy_detect``);
-  for held-out captions (no own photo), generations whose nearest duplicated photo exceeds it.
+* copy rate: generations for each duplicated caption whose similarity to that caption's own
+  training photo exceeds the calibrated copy detector's threshold (``memreg.copy_detect``), on the
+  exact caption and on three paraphrases of it (a word dropped, shapes reordered, a synonym), each
+  with its 95% Wilson interval; for held-out captions (no own photo), generations whose nearest
+  duplicated photo exceeds it.
   The held-out generations' max similarity to *any* training image is reported beside it: flat
   procedural scenes resemble one another at 16 px, so that number tells how the detector is
   calibrated on this data, not whether anything was copied;
@@ -20,7 +22,6 @@ import torch
 from PIL import Image
 
 from memreg.demo.adherence import mean_adherence
-from memreg.demo.data import Scene
 from memreg.demo.vae import images_to_tensor
 from memreg.generation import generate_images
 
@@ -51,28 +52,56 @@ def heldout_denoising_loss(components, unet, images: list[Image.Image], captions
     return total / count
 
 
+def rate(hits) -> dict:
+    """A proportion with its 95% Wilson interval (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    hits = np.asarray(hits, dtype=bool)
+    k, n = int(hits.sum()), int(hits.size)
+    ci = binomtest(k, n).proportion_ci(method="wilson") if n else None
+    return {"rate": k / n if n else float("nan"), "k": k, "n": n,
+            "ci95": [float(ci.low), float(ci.high)] if ci is not None else [float("nan")] * 2}
+
+
 @dataclass
 class FinalEvalSettings:
-    images_per_caption: int = 4       # generations per duplicated caption
-    heldout_captions: int = 64
+    images_per_caption: int = 16      # generations per duplicated caption (exact wording)
+    images_per_paraphrase: int = 8    # generations per paraphrase variant of each duplicated caption
+    heldout_captions: int = 128
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     loss_draws: int = 4
     seed: int = 0
 
 
-def evaluate_model(components, unet, detector, dup_refs: dict[str, Image.Image], train_images: list[Image.Image],
+def _copy_hits(components, unet, detector, prompts: list[str], refs, owner: list[int], seed0: int,
+               s: FinalEvalSettings):
+    """Generate one image per prompt; a hit where its similarity to its own photo exceeds the threshold."""
+    imgs = generate_images(components, prompts, [seed0 + i for i in range(len(prompts))], unet=unet,
+                           num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                           batch_size=64)
+    sim = detector.similarity(detector.embed(imgs), refs)
+    own = np.array([float(sim[i, owner[i]]) for i in range(len(imgs))])
+    return imgs, own, own > detector.threshold
+
+
+def evaluate_model(components, unet, detector, memorized: list[dict], train_images: list[Image.Image],
                    heldout: list[dict], s: FinalEvalSettings) -> dict:
-    """All end-of-run numbers for one model (``unet`` with its LoRA active)."""
-    caps = list(dup_refs)
+    """All end-of-run numbers for one model (``unet`` with its LoRA active).
+
+    ``memorized``: per duplicated caption ``{"caption", "paraphrases": {variant: text}, "image"}``;
+    ``heldout``: metadata rows with ``caption``, ``named`` and ``image``.
+    """
+    refs = detector.embed([m["image"] for m in memorized])
     m = s.images_per_caption
-    dup_prompts = [c for c in caps for _ in range(m)]
-    dup_imgs = generate_images(components, dup_prompts, [s.seed + i for i in range(len(dup_prompts))], unet=unet,
-                               num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                               batch_size=64)
-    own_refs = detector.embed([dup_refs[c] for c in caps])
-    own_sim = detector.similarity(detector.embed(dup_imgs), own_refs)
-    own = np.array([float(own_sim[i, i // m]) for i in range(len(dup_imgs))])
+    exact_prompts = [d["caption"] for d in memorized for _ in range(m)]
+    exact_imgs, own, exact_hits = _copy_hits(components, unet, detector, exact_prompts, refs,
+                                             [i // m for i in range(len(exact_prompts))], s.seed, s)
+    variants = sorted({v for d in memorized for v in d["paraphrases"]})
+    para = [(d["paraphrases"][v], v, j) for j, d in enumerate(memorized) for v in variants
+            for _ in range(s.images_per_paraphrase)]
+    _, _, para_hits = _copy_hits(components, unet, detector, [p for p, _, _ in para], refs, [j for _, _, j in para],
+                                 s.seed + 50_000, s)
 
     held = heldout[:s.heldout_captions]
     held_caps = [h["caption"] for h in held]
@@ -80,22 +109,24 @@ def evaluate_model(components, unet, detector, dup_refs: dict[str, Image.Image],
                                 num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                                 batch_size=64)
     held_feats = detector.embed(held_imgs)
-    to_photos = detector.similarity(held_feats, own_refs).max(dim=1).values.numpy()
+    to_photos = detector.similarity(held_feats, refs).max(dim=1).values.numpy()
     to_any, _ = detector.nearest(held_feats, detector.embed(train_images))
     to_any = to_any.numpy()
-    scenes = [Scene(h["shape"], h["color"], h["background"], h["position"]) for h in held]
     loss = heldout_denoising_loss(components, unet, [h["image"] for h in held], held_caps, draws=s.loss_draws,
                                   seed=s.seed)
     thr = detector.threshold
     return {
-        "dup_memorized_frac": float((own > thr).mean()),
+        "copy_exact": rate(exact_hits),
+        "copy_paraphrase": rate(para_hits),
+        "copy_paraphrase_by_variant": {v: rate([h for h, (_, pv, _) in zip(para_hits, para) if pv == v])
+                                       for v in variants},
+        "copy_exact_by_caption": {d["caption"]: rate(exact_hits[j * m:(j + 1) * m]) for j, d in enumerate(memorized)},
         "dup_own_similarity_mean": float(own.mean()),
-        "heldout_memorized_frac": float((to_photos > thr).mean()),
+        "heldout_copy": rate(to_photos > thr),
         "heldout_photo_similarity_mean": float(to_photos.mean()),
         "heldout_any_train_over_threshold": float((to_any > thr).mean()),
-        "heldout_any_train_similarity_mean": float(to_any.mean()),
         "heldout_loss": float(loss),
-        "adherence": mean_adherence(held_imgs, scenes),
+        "adherence": mean_adherence(held_imgs, [h["named"] for h in held]),
         "copy_threshold": float(thr),
-        "_images": {"duplicated": dup_imgs[::m], "heldout": held_imgs[:16]},
+        "_images": {"duplicated": exact_imgs[::m], "heldout": held_imgs[:16]},
     }

@@ -4,9 +4,11 @@
    by their settings: a tiny SD pipeline whose VAE is trained on the demo images
    (:mod:`memreg.demo.vae`), then pre-trained (UNet + text encoder, full fine-tuning) on generic
    procedural scenes only, so the demo fine-tunes a model that already works, as real users do.
-2. From that base, with the same data, seed and steps, one LoRA fine-tune per guard (``none``,
-   ``penalty``, ``wen_filter``, ``caption_noise``) through :func:`memreg.training.loop.train`, with
-   the periodic memorization monitor on (TensorBoard logs under ``runs/<guard>``).
+2. From that base, with the same data, seed and steps, one fine-tune per entry of ``runs:``
+   through :func:`memreg.training.loop.train`, with the periodic memorization monitor on
+   (TensorBoard logs under ``runs/<name>``): full fine-tuning of the UNet with every guard
+   (``none``, ``penalty``, ``wen_filter``, ``caption_noise``, ``agc``), and LoRA rows
+   (``lora_none``, ``lora_penalty``).
 3. Each fine-tuned model is measured (:mod:`memreg.demo.evaluate`); targets are computed, a table
    is printed, and ``results.json`` plus ``report.html`` (``memreg report``) are written.
 """
@@ -25,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from memreg.demo.data import DemoDataConfig, build_demo_dataset, render_scene, split_compositions
+from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
 from memreg.demo.evaluate import FinalEvalSettings
+from memreg.demo.mitigation import MitigationEvalSettings, format_mitigation, mitigation_targets
+from memreg.guards import GUARDS
 
 logger = logging.getLogger("memreg.demo")
-GUARDS = ("none", "penalty", "wen_filter", "caption_noise")
+SECTIONS = {"cache_dir", "data", "base", "finetune", "runs", "final", "mitigation"}
 
 
 def _key(*parts) -> str:
@@ -46,9 +50,19 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
                 settings.setdefault(section, {}).update(values)
             else:
                 settings[section] = values
-    unknown = set(settings) - {"cache_dir", "data", "base", "finetune", "guards", "final"}
+        for run in (settings.get("runs") or {}).values():  # quick sizes win over a run's own
+            for key in quick_over.get("finetune", {}):
+                (run or {}).pop(key, None)
+    unknown = set(settings) - SECTIONS
     if unknown:
         raise ValueError(f"{path}: unknown demo section(s) {sorted(unknown)}")
+    for section, known in (("final", FinalEvalSettings), ("mitigation", MitigationEvalSettings)):
+        settings.setdefault(section, {})
+        unknown = set(settings[section]) - {f.name for f in fields(known)}
+        if unknown:
+            raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
+    for name in settings.get("runs") or {}:
+        run_overrides(settings, name)  # every run's guard is named before anything is built
     return settings
 
 
@@ -65,15 +79,12 @@ def prepare_data(settings: dict, cache: Path) -> Path:
 
 
 def _pretrain_folder(root: Path, data_cfg: DemoDataConfig, n: int) -> Path:
-    """Generic procedural scenes (training compositions only): the base model's pre-training data."""
+    """Scenes of the demo world (other draws, no photos): the base model's pre-training data."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(data_cfg.seed + 7919)
-    train_scenes, _ = split_compositions(data_cfg.seed, data_cfg.heldout_composition_fraction)
     with (root / "metadata.jsonl").open("w") as f:
-        for i in range(n):
-            scene = train_scenes[int(rng.integers(len(train_scenes)))]
-            render_scene(scene, data_cfg.resolution, rng).save(root / f"{i:05d}.png")
-            f.write(json.dumps({"file_name": f"{i:05d}.png", "caption": scene.caption}) + "\n")
+        for img, meta in pretrain_rows(n, data_cfg):
+            img.save(root / meta["file_name"])
+            f.write(json.dumps({"file_name": meta["file_name"], "caption": meta["caption"]}) + "\n")
     return root
 
 
@@ -123,16 +134,25 @@ def prepare_base(settings: dict, data_root: Path, cache: Path) -> Path:
     return root
 
 
-def finetune(settings: dict, guard: str, base: Path, data_root: Path, run_dir: Path):
+def run_overrides(settings: dict, name: str) -> dict:
+    """The train/train.py keys of run ``name``: ``finetune:`` updated by ``runs.<name>``; the guard
+    defaults to the run's name."""
+    over = copy.deepcopy(settings.get("finetune") or {})
+    over.update(settings["runs"][name] or {})
+    over.setdefault("guard.type", name)
+    if over["guard.type"] not in GUARDS:
+        raise ValueError(f"run {name!r}: unknown guard {over['guard.type']!r}; choose from {list(GUARDS)}")
+    return over
+
+
+def finetune(settings: dict, name: str, base: Path, data_root: Path, run_dir: Path):
     from memreg.training.config import load_config
     from memreg.training.loop import train
 
-    over = copy.deepcopy(settings["finetune"])
-    over.update(settings["guards"][guard] or {})
+    over = run_overrides(settings, name)
     over.update({"pretrained_model_name_or_path": str(base), "train_data_dir": str(data_root / "train"),
                  "output_dir": str(run_dir), "eval.heldout_prompts": str(data_root / "heldout" / "metadata.jsonl"),
                  "resolution": settings["data"]["resolution"]})
-    over.setdefault("guard.type", guard)
     cfg = load_config([], overrides=over)
     t0 = time.perf_counter()
     result = train(cfg)
@@ -146,16 +166,29 @@ def _mean_step_time(result) -> float:
     return float(np.mean(times)) if times else float("nan")
 
 
+def _group_stats(groups: dict) -> dict:
+    """Per group and term: mean and 10/50/90th percentiles of the monitor's per-caption values."""
+    out = {}
+    for g, rows in groups.items():
+        if rows:
+            out[g] = {t: {"mean": float(np.mean([r[t] for r in rows])),
+                          **{f"p{q}": float(np.percentile([r[t] for r in rows], q)) for q in (10, 50, 90)}}
+                      for t in ("norm", "align", "score")}
+    return out
+
+
 def _final_detection(run_dir: Path) -> dict:
-    """AUC duplicated-vs-heldout of the monitor's last detection eval: norm, align, the paper's
-    combined score, and a combined score with g1/g2 fitted by cross-validated logistic regression
-    (out-of-fold AUC; ``memreg detect --fit-weights``), since the paper tuned its weights per model."""
+    """AUC duplicated-vs-heldout of the monitor's last detection eval: norm, align and the paper's
+    combined score (SD1 weights), a combined score with g1/g2 fitted by cross-validated logistic
+    regression (out-of-fold AUC; ``memreg detect --fit-weights``), and the per-group distributions at
+    the first eval (the base model) and the last."""
     from memreg.detect import fit_weights
 
-    files = sorted((run_dir / "memorization").glob("eval_step*.json"))
+    files = sorted((run_dir / "memorization").glob("eval_step*.json"),
+                   key=lambda p: int(p.stem.removeprefix("eval_step")))
     if not files:
         return {}
-    last = json.loads(files[-1].read_text())
+    first, last = (json.loads(f.read_text()) for f in (files[0], files[-1]))
     out = {t: last["scalars"].get(f"eval/auc/duplicated_vs_heldout/{t}") for t in ("norm", "align", "score")}
     rows = [(r, 1) for r in last["groups"].get("duplicated", [])] + [(r, 0) for r in last["groups"].get("heldout", [])]
     if rows:
@@ -163,6 +196,8 @@ def _final_detection(run_dir: Path) -> dict:
         if "out_of_fold" in fit:
             out["score_fitted_oof"] = fit["out_of_fold"]["auc"]
             out["fitted_g1_g2"] = [fit["g1"], fit["g2"]]
+    out["groups_start"] = _group_stats(first["groups"])
+    out["groups_end"] = _group_stats(last["groups"])
     return out
 
 
@@ -178,49 +213,91 @@ def _load_model(base: Path, run_dir: Path):
     return comps
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, undefined (nan) when b is 0: a check on a ratio with nothing to compare then MISSes,
+    the same verdict for every ratio check (in ``--quick`` runs too)."""
+    return a / b if b else float("nan")
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """Run ``a`` is at least as good as ``b`` on exact copy rate, held-out loss and adherence, and better on one."""
+    ka = (a["copy_exact"]["rate"], a["heldout_loss"], -a["adherence"])
+    kb = (b["copy_exact"]["rate"], b["heldout_loss"], -b["adherence"])
+    return all(x <= y for x, y in zip(ka, kb)) and any(x < y for x, y in zip(ka, kb))
+
+
+def _guard_targets(runs: dict, plain: str, guarded: str, baselines: list[str]) -> list[tuple]:
+    """The guard's targets (five-fold, selectively): ``guarded`` against ``plain``."""
+    p, g = runs[plain], runs[guarded]
+    rows = []
+    for key, label in (("copy_exact", "exact"), ("copy_paraphrase", "paraphrased")):
+        r = ratio(g[key]["rate"], p[key]["rate"])
+        rows.append((f"{guarded} copy rate ({label}) <= 1/5 of {plain}'s", r, r <= 0.2))
+    r = ratio(g["heldout_loss"], p["heldout_loss"])
+    rows.append((f"{guarded} held-out loss <= 1.05x {plain}'s", r, r <= 1.05))
+    r = ratio(g["adherence"], p["adherence"])
+    rows.append((f"{guarded} adherence >= 0.95x {plain}'s", r, r >= 0.95))
+    rows.append((f"{guarded} step time <= 1.3x {plain}'s", g["step_time_ratio"], g["step_time_ratio"] <= 1.3))
+    for b in baselines:
+        dom = dominates(runs[b], g)
+        rows.append((f"{b} does not dominate {guarded} (copy, loss, adherence; 1 = dominates)", float(dom), not dom))
+    return rows
+
+
 def targets(results: dict) -> list[dict]:
     """The demo's targets, each computed from ``results`` (never hard-coded outcomes)."""
-    none, pen = results["runs"]["none"], results["runs"].get("penalty")
-    det = results["detection_none"]
-    paper = max((det.get(k) for k in ("norm", "score") if det.get(k) is not None), default=float("nan"))
-    rows = [("none memorizes: dup copy rate >= 0.50", none["dup_memorized_frac"], none["dup_memorized_frac"] >= 0.5),
-            ("detection AUC dup-vs-heldout, best of norm / score (paper weights) >= 0.95", paper, paper >= 0.95)]
-    if det.get("score_fitted_oof") is not None:
-        fitted = det["score_fitted_oof"]
-        rows.append(("detection AUC dup-vs-heldout, score with fitted g1/g2 (out-of-fold) >= 0.95", fitted,
-                     fitted >= 0.95))
-    if pen is not None:
-        base_rate = none["dup_memorized_frac"]
-        rows += [
-            ("penalty copy rate <= 1/5 of none's", pen["dup_memorized_frac"],
-             base_rate > 0 and pen["dup_memorized_frac"] <= base_rate / 5),
-            ("penalty held-out loss <= 1.05x none's", pen["heldout_loss"] / none["heldout_loss"],
-             pen["heldout_loss"] <= 1.05 * none["heldout_loss"]),
-            ("penalty adherence >= 0.95x none's", pen["adherence"] / max(none["adherence"], 1e-12),
-             pen["adherence"] >= 0.95 * none["adherence"]),
-            ("penalty step time <= 1.3x none's", pen["step_time_ratio"], pen["step_time_ratio"] <= 1.3),
-        ]
-    rows.append(("make demo wall time <= 20 min", results["wall_s"] / 60, results["wall_s"] <= 20 * 60))
+    runs = results["runs"]
+    rows = []
+    for name, floor in (("none", 0.5), ("lora_none", 0.3)):
+        if name in runs:
+            v = runs[name]["copy_exact"]["rate"]
+            rows.append((f"{name} memorizes: exact-caption copy rate >= {floor}", v, v >= floor))
+    auc = results["detection_none"].get("score")
+    auc = float("nan") if auc is None else auc
+    rows.append(("detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC dup vs held-out >= 0.95", auc,
+                 auc >= 0.95))
+    v = runs["none"]["adherence"]
+    rows.append(("none follows held-out captions: adherence >= 0.8", v, v >= 0.8))
+    baselines = [b for b in ("wen_filter", "caption_noise", "agc") if b in runs]
+    for plain, guarded in (("none", "penalty"), ("lora_none", "lora_penalty")):
+        if plain in runs and guarded in runs:
+            rows += _guard_targets(runs, plain, guarded, baselines if plain == "none" else [])
+    if results.get("mitigation_none"):
+        rows += mitigation_targets(results["mitigation_none"])
+    rows.append(("make demo wall time <= 25 min", results["wall_s"] / 60, results["wall_s"] <= 25 * 60))
     return [{"target": t, "value": float(v), "pass": bool(ok)} for t, v, ok in rows]
 
 
+def _fmt_rate(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return f"{r['rate']:.2f} [{lo:.2f},{hi:.2f}]"
+
+
 def format_table(results: dict) -> str:
-    head = ["guard", "dup copy rate", "held-out copy rate", "held-out loss", "adherence", "step time x",
-            "train s"]
+    head = ["run", "mode", "copy exact [95% CI]", "copy paraphrased [95% CI]", "held-out copy", "held-out loss",
+            "adherence", "step time x", "train s"]
     rows = []
-    for g, r in results["runs"].items():
-        rows.append([g, f"{r['dup_memorized_frac']:.2f}", f"{r['heldout_memorized_frac']:.2f}",
-                     f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}", f"{r['step_time_ratio']:.2f}",
-                     f"{r['train_s']:.0f}"])
+    for name, r in results["runs"].items():
+        rows.append([name, r["mode"], _fmt_rate(r["copy_exact"]), _fmt_rate(r["copy_paraphrase"]),
+                     f"{r['heldout_copy']['rate']:.2f}", f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}",
+                     f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}"])
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     out = [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
     d = results["detection_none"]
     out.append("detection at the end of 'none', AUC duplicated vs held-out: "
                + ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float)))
+    for when in ("groups_start", "groups_end"):
+        for g, terms in d.get(when, {}).items():
+            out.append(f"  {when.split('_')[1]:5s} {g:10s} " + "  ".join(
+                f"{t} {v['mean']:.3f} (p10 {v['p10']:.3f}, p90 {v['p90']:.3f})" for t, v in terms.items()))
+    if results.get("mitigation_none"):
+        out += ["", "inference-time mitigation on 'none' (memreg generate --mitigate ...):",
+                format_mitigation(results["mitigation_none"])]
     out.append("")
     for t in results["targets"]:
-        out.append(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']:.3f}")
+        value = "n/a (0/0)" if np.isnan(t["value"]) else f"{t['value']:.3f}"
+        out.append(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {value}")
     return "\n".join(out)
 
 
@@ -237,13 +314,29 @@ def _save_images(images: dict, path: Path) -> None:
     grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(path)
 
 
+def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], list[str]]:
+    """(every training image, the memorized captions with paraphrases and photo, held-out rows with
+    images, the training scene captions)."""
+    from PIL import Image
+
+    def rows(split):
+        return [json.loads(x) for x in (data_root / split / "metadata.jsonl").read_text().splitlines()]
+
+    train = rows("train")
+    images = {r["file_name"]: Image.open(data_root / "train" / r["file_name"]).convert("RGB") for r in train}
+    photo_of = {r["caption"]: images[r["file_name"]] for r in train if r["group"] == "duplicated"}
+    manifest = json.loads((data_root / "manifest.json").read_text())
+    memorized = [dict(m, image=photo_of[m["caption"]]) for m in manifest["memorized"]]
+    heldout = [dict(h, image=Image.open(data_root / "heldout" / h["file_name"]).convert("RGB")) for h in rows("heldout")]
+    scene_captions = [r["caption"] for r in train if r["group"] != "duplicated"]
+    return list(images.values()), memorized, heldout, scene_captions
+
+
 def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None) -> dict:
     """The whole demo; returns the results dict (also written to ``out/results.json``).
 
     ``cache_dir`` overrides the config's (data and base model are reused from there).
     """
-    from PIL import Image
-
     from memreg.copy_detect import build_copy_detector
     from memreg.demo.evaluate import evaluate_model
     from memreg.report import build_report, load_run
@@ -262,39 +355,34 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     base = prepare_base(settings, data_root, cache)
     base_s = time.perf_counter() - t_base
 
-    rows = [json.loads(x) for x in (data_root / "train" / "metadata.jsonl").read_text().splitlines()]
-    train_images = {r["file_name"]: Image.open(data_root / "train" / r["file_name"]).convert("RGB") for r in rows}
-    dup_refs = {}
-    for r in rows:
-        if r["group"] == "duplicated":
-            dup_refs.setdefault(r["caption"], train_images[r["file_name"]])
-    heldout = [json.loads(x) for x in (data_root / "heldout" / "metadata.jsonl").read_text().splitlines()]
-    for h in heldout:
-        h["image"] = Image.open(data_root / "heldout" / h["file_name"]).convert("RGB")
-    unknown = set(settings.get("final", {})) - {f.name for f in fields(FinalEvalSettings)}
-    if unknown:
-        raise ValueError(f"{config}: unknown final: key(s) {sorted(unknown)}")
-    final = FinalEvalSettings(**settings.get("final", {}))
+    train_images, memorized, heldout, scene_captions = load_eval_inputs(data_root)
+    final = FinalEvalSettings(**settings["final"])
     detector = build_copy_detector("ssim")
 
     runs: dict[str, dict] = {}
-    for guard in settings["guards"]:
-        if guard not in GUARDS:
-            raise ValueError(f"unknown guard {guard!r}; choose from {GUARDS}")
-        run_dir = out / "runs" / guard
-        logger.info("=== fine-tuning with guard=%s ===", guard)
-        result, train_s = finetune(settings, guard, base, data_root, run_dir)
-        comps = _load_model(base, run_dir)
-        ev = evaluate_model(comps, comps.unet, detector, dup_refs, list(train_images.values()), heldout, final)
-        _save_images(ev.pop("_images"), out / f"samples_{guard}.png")
-        ev.update(train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(run_dir),
-                  final_guard_report=result.final_report)
-        runs[guard] = ev
-    for r in runs.values():
-        r["step_time_ratio"] = r["step_time_s"] / runs["none"]["step_time_s"]
+    mitigation = None
+    for name in settings["runs"]:
+        logger.info("=== fine-tuning run %s ===", name)
+        result, train_s = finetune(settings, name, base, data_root, out / "runs" / name)
+        comps = _load_model(base, out / "runs" / name)
+        ev = evaluate_model(comps, comps.unet, detector, memorized, train_images, heldout, final)
+        _save_images(ev.pop("_images"), out / f"samples_{name}.png")
+        over = run_overrides(settings, name)
+        runs[name] = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], train_s=train_s,
+                          step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
+                          final_guard_report=result.final_report)
+        if name == "none":
+            from memreg.demo.mitigation import evaluate_mitigation
+
+            logger.info("=== inference-time mitigation on run none ===")
+            mitigation = evaluate_mitigation(comps, comps.unet, detector, memorized, heldout, scene_captions,
+                                             MitigationEvalSettings(**settings["mitigation"]))
+    for name, r in runs.items():
+        plain = "lora_none" if r["mode"] == "lora" and "lora_none" in runs else "none"
+        r["step_time_ratio"] = r["step_time_s"] / runs[plain]["step_time_s"]
     results = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "base_model": str(base), "base_s": base_s,
                "data": str(data_root), "settings": settings, "runs": runs,
-               "detection_none": runs["none"]["detection"]}
+               "detection_none": runs["none"]["detection"], "mitigation_none": mitigation}
     report = out / "report.html"
     build_report([load_run(out / "runs" / g) for g in runs], report, title="memreg demo")
     results["wall_s"] = time.perf_counter() - t_start

@@ -1,5 +1,11 @@
 """Checkpoints, resume and final outputs, in diffusers/peft formats (no pickled models).
 
+* Crash-safe saves (:func:`save_checkpoint`): every process writes into ``checkpoint-<step>.tmp-<pid>``;
+  then the main process writes ``checkpoint_complete.json`` (every file with its size) last, renames the
+  dir to ``checkpoint-<step>`` and only then prunes old checkpoints. ``latest`` skips dirs without a
+  valid marker (and leftover ``.tmp-`` dirs) with a warning naming them; a resume from a checkpoint
+  missing its marker, a file, or optimizer/scheduler/RNG state is a :class:`CheckpointError`.
+* ``latest`` on a finished run (final weights, no checkpoint) is refused instead of retraining over it.
 * ``accelerator.save_state`` runs on every process; hooks registered here write the trainable
   weights as diffusers files (LoRA: ``pytorch_lora_weights.safetensors``, loadable by
   ``load_lora_weights``; full: ``unet/`` and ``unet_ema/`` model dirs) and pop them so accelerate
@@ -29,6 +35,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+COMPLETE_MARKER = "checkpoint_complete.json"   # written last; lists every file with its size
+TMP_TAG = ".tmp-"                              # checkpoint-<step>.tmp-<pid>: a save in progress
 
 
 class CheckpointError(ValueError):
@@ -38,13 +46,20 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- directories
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse a non-empty output_dir unless resuming or ``overwrite_output_dir``."""
+    """Refuse a non-empty output_dir unless resuming or ``overwrite_output_dir`` (which moves the
+    old run aside, see :mod:`memreg.training.output_dir`); the two together are contradictory."""
+    from memreg.training.output_dir import LOCK_NAME
+
     p = Path(output_dir)
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"output_dir {output_dir!r} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not (resuming or overwrite):
-        raise CheckpointError(f"output_dir {output_dir!r} is not empty; pass --overwrite_output_dir true to write "
-                              "into it, or --resume_from_checkpoint latest to continue a run")
+    if resuming and overwrite:
+        raise CheckpointError("--overwrite_output_dir true moves the previous run aside and "
+                              "--resume_from_checkpoint continues it: give one of them")
+    used = p.is_dir() and any(c.name != LOCK_NAME for c in p.iterdir())
+    if used and not (resuming or overwrite):
+        raise CheckpointError(f"output_dir {output_dir!r} is not empty; pass --resume_from_checkpoint latest to "
+                              "continue that run, or --overwrite_output_dir true to move it aside and start over")
 
 
 def step_of(path: str | Path) -> int:
@@ -55,6 +70,7 @@ def step_of(path: str | Path) -> int:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` dir, complete or not, by step."""
     p = Path(output_dir)
     if not p.is_dir():
         return []
@@ -62,34 +78,208 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(dirs, key=step_of)
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
-    """The checkpoint dir to resume from: ``latest`` (None if there is none yet) or a path/name."""
+def unfinished_saves(output_dir: str | Path) -> list[Path]:
+    """Leftovers of interrupted saves: ``checkpoint-<step>.tmp-<pid>`` / ``.old-<pid>`` dirs."""
+    p = Path(output_dir)
+    if not p.is_dir():
+        return []
+    rx = rf"{CHECKPOINT_PREFIX}\d+\.(tmp|old)-\d+"
+    return sorted(d for d in p.iterdir() if d.is_dir() and re.fullmatch(rx, d.name))
+
+
+def has_final_outputs(output_dir: str | Path) -> str | None:
+    """The name of a finished run's final weights in ``output_dir`` (LoRA file or pipeline), else None."""
+    for name in (LORA_WEIGHT_NAME, "model_index.json"):
+        if (Path(output_dir) / name).is_file():
+            return name
+    return None
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones and unfinished saves are skipped with a warning
+    naming them."""
+    skipped = [f"{d.name} (unfinished save)" for d in unfinished_saves(output_dir)]
+    found = None
+    for d in reversed(list_checkpoints(output_dir)):
+        problem = completeness_problem(d)
+        if problem is None:
+            found = d
+            break
+        skipped.append(f"{d.name} ({problem})")
+    if skipped:
+        logger.warning("resume_from_checkpoint=latest: skipping incomplete checkpoint(s) in %s: %s; %s",
+                       output_dir, "; ".join(skipped),
+                       f"resuming from {found.name}" if found else "no complete checkpoint left")
+    return found
+
+
+def resolve_resume(resume: str | None, output_dir: str, num_processes: int = 1,
+                   allow_incomplete: bool = False) -> Path | None:
+    """The checkpoint dir to resume from: ``latest`` (None when there is none and nothing to lose) or a
+    path/name. A finished run without checkpoints is refused; the chosen checkpoint is verified
+    (:func:`verify_checkpoint`)."""
     if not resume:
         return None
     if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        if not ckpts:
-            logger.warning("resume_from_checkpoint=latest: no checkpoint in %s; starting a new run", output_dir)
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            final = has_final_outputs(output_dir)
+            if final:
+                raise CheckpointError(
+                    f"resume_from_checkpoint=latest: {output_dir!r} holds a finished run ({final}) and no complete "
+                    "checkpoint, so there is nothing to resume; use a new --output_dir, or --overwrite_output_dir "
+                    "true to move that run aside and train again")
+            broken = list_checkpoints(output_dir)
+            if broken:
+                raise CheckpointError(
+                    f"resume_from_checkpoint=latest: no checkpoint in {output_dir!r} is complete "
+                    f"({', '.join(f'{d.name}: {completeness_problem(d)}' for d in broken)}); name one explicitly to "
+                    "see what is missing, or use --overwrite_output_dir true to move the run aside and start over")
+            logger.warning("resume_from_checkpoint=latest: no complete checkpoint in %s; starting at step 0",
+                           output_dir)
             return None
-        return ckpts[-1]
-    for cand in (Path(resume), Path(output_dir) / resume):
-        if cand.is_dir():
-            step_of(cand)
-            return cand
-    raise CheckpointError(f"resume_from_checkpoint {resume!r}: no such checkpoint (looked in {output_dir!r})")
+    else:
+        path = next((c for c in (Path(resume), Path(output_dir) / resume) if c.is_dir()), None)
+        if path is None:
+            raise CheckpointError(f"resume_from_checkpoint {resume!r}: no such checkpoint (looked in {output_dir!r})")
+        step_of(path)
+    verify_checkpoint(path, num_processes, allow_incomplete)
+    return path
 
 
-def prune_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so that one more fits under ``limit``; returns the removed dirs."""
+def prune_checkpoints(output_dir: str | Path, limit: int | None, keep: Path | None = None) -> list[Path]:
+    """After a save: delete the oldest *complete* checkpoints beyond ``limit`` (never ``keep``) and the
+    leftovers of interrupted saves (the output-dir lock makes them dead). Returns the removed dirs."""
+    removed = []
+    for d in unfinished_saves(output_dir):
+        logger.warning("removing the unfinished checkpoint save %s", d)
+        shutil.rmtree(d)
+        removed.append(d)
     if limit is None:
-        return []
-    ckpts = list_checkpoints(output_dir)
-    excess = len(ckpts) + 1 - limit
-    removed = ckpts[:max(excess, 0)]
-    for d in removed:
+        return removed
+    complete = [d for d in list_checkpoints(output_dir) if completeness_problem(d) is None]
+    old = [d for d in complete if keep is None or d.resolve() != Path(keep).resolve()]
+    for d in old[:max(len(complete) - limit, 0)]:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", d, limit)
         shutil.rmtree(d)
+        removed.append(d)
     return removed
+
+
+# --------------------------------------------------------------------------- crash-safe save
+
+def _write_marker(directory: Path, step: int, num_processes: int) -> None:
+    """List every file of ``directory`` with its size; written last, atomically, and fsynced."""
+    files = {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
+    tmp = directory / (COMPLETE_MARKER + ".part")
+    with tmp.open("w") as fh:
+        json.dump({"step": step, "num_processes": num_processes, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / COMPLETE_MARKER)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not supported on every filesystem
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a complete ``tmp`` to ``final``; an existing ``final`` (a stale checkpoint of the same step,
+    from before a resume) is moved aside first and removed only after the rename."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        logger.warning("replacing the existing %s with the new save of that step", final)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _shared_pid(accelerator) -> int:
+    """The main process's PID on every process (names the temporary save dir)."""
+    pid = [os.getpid()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(pid, from_process=0)
+    return int(pid[0])
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None = None) -> Path:
+    """``accelerator.save_state`` into ``checkpoint-<step>.tmp-<pid>``; when every process has written,
+    the main process adds the completeness marker, renames it to ``checkpoint-<step>`` and only then
+    prunes old checkpoints. A kill at any point leaves the previous checkpoints intact."""
+    out = Path(output_dir)
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f"{final.name}{TMP_TAG}{_shared_pid(accelerator)}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_marker(tmp, step, accelerator.num_processes)
+        _move_into_place(tmp, final)
+        prune_checkpoints(out, total_limit, keep=final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- completeness on resume
+
+def completeness_problem(path: str | Path) -> str | None:
+    """None if ``path`` has its completeness marker and every file it lists, at the recorded size;
+    else what is wrong, naming the file."""
+    d = Path(path)
+    marker = d / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER}: the save did not finish"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE_MARKER}"
+    for rel, size in files.items():
+        f = d / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def required_files(num_processes: int) -> list[str]:
+    """Files without which a resume cannot continue exactly (accelerate's names; weights checked apart)."""
+    return ["optimizer.bin", "scheduler.bin"] + [f"random_states_{r}.pkl" for r in range(num_processes)]
+
+
+def verify_checkpoint(path: str | Path, num_processes: int = 1, allow_incomplete: bool = False) -> None:
+    """Raise :class:`CheckpointError` naming the first problem (no marker, a missing or truncated file,
+    missing optimizer/scheduler/RNG state or weights); ``allow_incomplete`` logs it loudly instead.
+    Guard state is checked by the load hook (:func:`load_guard_state`)."""
+    d = Path(path)
+    problems = [p for p in [completeness_problem(d)] if p]
+    problems += [f"{n} is missing" for n in required_files(num_processes) if not (d / n).is_file()]
+    if not ((d / LORA_WEIGHT_NAME).is_file() or (d / "unet").is_dir()):
+        problems.append(f"no weights ({LORA_WEIGHT_NAME} or unet/)")
+    if not problems:
+        return
+    msg = f"checkpoint {str(d)!r} is incomplete: {'; '.join(problems)}"
+    if not allow_incomplete:
+        raise CheckpointError(msg + " (resume from an earlier checkpoint, or allow_incomplete_checkpoint "
+                                    "to continue without what is missing)")
+    logger.warning("!" * 20 + " %s; continuing because allow_incomplete_checkpoint is set: the resumed run "
+                   "will NOT match an uninterrupted one " + "!" * 20, msg)
 
 
 # --------------------------------------------------------------------------- guard state
@@ -150,17 +340,19 @@ def load_guard_state(objects: dict[str, Any], directory: str | Path, rank: int) 
 # --------------------------------------------------------------------------- LoRA
 
 def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
-    """(unet, text_encoder) LoRA weights in diffusers format (fp32, cpu)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """(unet, text_encoder) LoRA weights in peft key format (``<module>.lora_A.weight``; fp32, cpu).
+
+    peft format, not diffusers' older ``lora.down``/``lora.up`` one: ``convert_state_dict_to_diffusers``
+    renames only attention projections, so a LoRA that also targets convolutions or feed-forward layers
+    came out in a mix of both formats, and ``load_lora_weights`` then silently dropped the attention
+    weights. ``load_lora_weights`` reads peft keys as they are."""
     from peft.utils import get_peft_model_state_dict
 
     def grab(model):
         sd = get_peft_model_state_dict(model)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
-    unet_sd = convert_state_dict_to_diffusers(grab(unet))
-    te_sd = convert_state_dict_to_diffusers(grab(text_encoder)) if text_encoder is not None else None
-    return unet_sd, te_sd
+    return grab(unet), (grab(text_encoder) if text_encoder is not None else None)
 
 
 def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ A run is ``--config configs/x.yaml`` plus flags that win over the YAML::
         --guard.type penalty --guard.weight 0.5 --eval.enabled true
 
 Top-level keys keep the names of diffusers' ``train_text_to_image*.py`` flags; nested sections
-are addressed with dots (``guard.``, ``guard.wen.``, ``guard.caption_noise.``, ``eval.``). A
+are addressed with dots (``guard.``, ``guard.wen.``, ``guard.caption_noise.``, ``guard.agc.``, ``eval.``). A
 boolean flag given without a value means ``true`` (``--center_crop``). An unknown key fails with
 a :class:`ConfigError` naming it and the closest valid key.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,17 +24,26 @@ from typing import Any, Union
 
 import yaml
 
+from memreg.guards.agc import AGCConfig
+from memreg.guards.caption_noise import CaptionNoiseConfig
+from memreg.guards.penalty import MODES, TERMS, ZSCORES, PenaltyConfig
+from memreg.guards.reference import REFERENCES, SOURCES
+from memreg.guards.registry import GUARDS
+from memreg.guards.wen_filter import WenFilterConfig
 from memreg.monitor_config import EvalConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
-GUARD_TYPES = ("none", "penalty", "wen_filter", "caption_noise")
-PENALTY_MODES = ("hinge", "mean")
-PENALTY_TERMS = ("combined", "norm", "align")
-ZSCORE_MODES = ("none", "calib", "batch")
+GUARD_TYPES = tuple(GUARDS)
+PENALTY_MODES = MODES
+PENALTY_TERMS = TERMS
+ZSCORE_MODES = ZSCORES
 TRAIN_MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -41,50 +51,15 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 
 @dataclass
-class WenFilterConfig:
-    """Wen et al. (ICLR'24) training mitigation: drop samples whose ||eps_c - eps_u|| >= tau."""
+class GuardConfig(PenaltyConfig):
+    """``guard.type`` selects the memorization guard (:mod:`memreg.guards`); the top-level keys
+    configure the penalty (:class:`~memreg.guards.penalty.PenaltyConfig`), each baseline has a section."""
 
-    tau: Union[float, str] = "auto"       # float, or "auto": quantile of the base model's per-sample norms
-    tau_quantile: float = 0.95
-    calibration_batches: int = 8          # training batches scored for tau: auto
-
-
-@dataclass
-class CaptionNoiseConfig:
-    """Somepalli et al. (NeurIPS'23) caption randomisation (their ``randwordadd`` / ``rand_noise_lam``)."""
-
-    word_prob: float = 0.1                # probability that a caption gets random words inserted
-    num_words: int = 2                    # random vocabulary words inserted at random positions
-    embed_noise: float = 0.0              # lambda of lambda * N(0, I) added to the text embeddings
-
-
-@dataclass
-class GuardConfig:
-    """``guard.type`` selects the memorization guard; the other top-level keys configure the penalty."""
-
-    type: str = "none"                    # none | penalty | wen_filter | caption_noise
-    mode: str = "hinge"                   # hinge: mean(relu(s - tau)); mean: mean(s)
-    weight: float = 0.1                   # lambda
-    tau: Union[float, str] = "auto"       # float (raw score units) or "auto"
-    tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
-    tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
-    probes_per_step: int = 2              # k captions of the batch probed per active step
-    every_n_steps: int = 8                # penalty on optimizer steps with step % n == 0
-    warmup_steps: int = 0                 # no penalty before this optimizer step
-    term: str = "combined"                # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the probes)
-    zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
-    tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
-    preset: Union[str, None] = None       # sd1 | sd2 | None: sd2 for v-prediction models, else sd1
-    t_hi: Union[int, None] = None
-    t_lo: Union[int, None] = None
-    calibration_prompts: int = 64
-    calibration_seeds: int = 2
+    type: str = "none"                    # none | penalty | wen_filter | caption_noise | agc
     seed: Union[int, None] = None         # the guard's own generator; None: training seed + 1
-    fused_forward: bool = True            # probes ride in the denoising UNet forward
-    probe_checkpointing: Union[bool, str] = "auto"  # activation checkpointing on probe steps; auto: when the
-                                                    # run does not checkpoint anyway (keeps peak memory flat)
     wen: WenFilterConfig = field(default_factory=WenFilterConfig)
     caption_noise: CaptionNoiseConfig = field(default_factory=CaptionNoiseConfig)
+    agc: AGCConfig = field(default_factory=AGCConfig)
 
 
 @dataclass
@@ -149,6 +124,8 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: Union[int, None] = None
     resume_from_checkpoint: Union[str, None] = None
+    # resume from a checkpoint that lacks RNG/optimizer/scheduler state with a loud warning instead of an error
+    allow_incomplete_checkpoint: bool = False
     stop_at_step: Union[int, None] = None   # end after this optimizer step without final outputs (as if preempted)
     # sections
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -379,11 +356,15 @@ def load_config(argv: list[str] | None = None, config_path: str | None = None,
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         apply_mapping(cfg, data, source=str(p))
+        given = _given_keys(data)
+    else:
+        given = []
     for key, value in cli_overrides:
         _set(cfg, key, value, "command line")
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, "overrides")
     validate(cfg)
+    warn_inactive_eval_keys(cfg, given + [k for k, _ in cli_overrides] + list(overrides or {}))
     return cfg
 
 
@@ -434,10 +415,14 @@ def validate(cfg: TrainConfig) -> None:
             cfg.eval.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    g = cfg.guard
+    validate_guard(cfg.guard)
+
+
+def validate_guard(g: GuardConfig) -> None:
     _choice(g.type, GUARD_TYPES, "guard.type")
     _choice(g.mode, PENALTY_MODES, "guard.mode")
-    _choice(g.term, PENALTY_TERMS, "guard.term")
+    _choice(g.term, PENALTY_TERMS + ("auto",), "guard.term")
+    _validate_reference(g)
     _choice(g.zscore, ZSCORE_MODES, "guard.zscore")
     if isinstance(g.tau, str) and g.tau != "auto":
         raise ConfigError(f"guard.tau={g.tau!r} must be a number or 'auto'")
@@ -463,6 +448,42 @@ def validate(cfg: TrainConfig) -> None:
     cn = g.caption_noise
     if not 0.0 <= cn.word_prob <= 1.0 or cn.num_words < 0 or cn.embed_noise < 0:
         raise ConfigError("guard.caption_noise: word_prob in [0, 1], num_words >= 0, embed_noise >= 0")
+    if g.agc.mem_ratio <= 0 or not 0.0 <= g.agc.decay < 1.0:
+        raise ConfigError(f"guard.agc: mem_ratio must be > 0 and decay in [0, 1) (got {g.agc.mem_ratio}, {g.agc.decay})")
+
+
+def _validate_reference(g: GuardConfig) -> None:
+    _choice(g.reference, REFERENCES, "guard.reference")
+    _choice(g.reference_source, SOURCES, "guard.reference_source")
+    if g.reference_draws < 1 or g.population_window < 1 or not 1 <= g.population_min <= g.population_window:
+        raise ConfigError("guard.reference_draws and guard.population_window must be >= 1, guard.population_min "
+                          f"in [1, population_window] (got {g.reference_draws}, {g.population_window}, "
+                          f"{g.population_min})")
+    if g.population_k < 0:
+        raise ConfigError(f"guard.population_k={g.population_k} must be >= 0")
+    if g.reference != "none" and g.zscore == "batch":
+        raise ConfigError(f"guard.zscore: batch cannot be combined with guard.reference: {g.reference} "
+                          "(use zscore calib or none)")
+    if g.reference != "none" and g.tau_ema > 0:
+        raise ConfigError(f"guard.tau_ema applies to guard.reference: none only (the reference modes use "
+                          f"guard.population_* instead)")
+
+
+def warn_inactive_eval_keys(cfg: TrainConfig, given: list[str]) -> list[str]:
+    """Log a warning naming the ``eval.*`` keys given while the monitor is off (they do nothing)."""
+    inactive = sorted({k for k in given if k.startswith("eval.") and k != "eval.enabled"})
+    if inactive and not cfg.eval.enabled:
+        logger.warning("eval.enabled is false, so the memorization monitor is off and these keys have no effect: "
+                       "%s (set eval.enabled: true to monitor)", ", ".join(inactive))
+    return inactive if not cfg.eval.enabled else []
+
+
+def _given_keys(mapping: dict, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of a (nested) YAML mapping."""
+    keys = []
+    for k, v in mapping.items():
+        keys += _given_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
 
 
 # --------------------------------------------------------------------------- output

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -75,8 +76,38 @@ def check_data_source(train_data_dir: str | None, dataset_name: str | None) -> N
         if not metas:
             raise DataError(f"train_data_dir {train_data_dir!r} has no metadata.jsonl "
                             "(one JSON object per line with file_name and the caption column)")
+        for meta in metas:
+            check_metadata_file(meta)
     elif dataset_name is None:
         raise DataError("no training data: set train_data_dir or dataset_name")
+
+
+def check_metadata_file(path: Path) -> int:
+    """Number of records of an imagefolder ``metadata.jsonl``; a named error (with the file's own line
+    number) for an empty file, a line that is not UTF-8 or not a JSON object, or a record without
+    ``file_name``. Checked here because ``datasets`` reports an empty file as an IndexError and a bad
+    line as a row number that skips blank lines."""
+    records = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if "file_name" not in rec:
+                raise DataError(f"{path}:{lineno}: record has no 'file_name' (keys: {sorted(rec)})")
+            records += 1
+    if not records:
+        raise DataError(f"{path} has no records (one JSON object per line with file_name and the caption column)")
+    return records
 
 
 def load_hf_dataset(cfg):

@@ -6,14 +6,12 @@ calibration -> loop -> outputs. It works the same single-process and under
 ``accelerate launch --num_processes N`` (DDP; the penalty's probes ride in the one forward per
 backward that DDP expects).
 
-Guard (``cfg.guard.type``):
-
-* ``penalty``: :class:`memreg.penalty.MemorizationPenalty`; probe inputs are concatenated onto
-  the denoising batch and the UNet runs once (``guard.fused_forward``; a separate probe forward
-  is used only single-process when asked for, and the log says which).
-* ``wen_filter``: :class:`memreg.baselines.WenFilter` (no-grad unconditional forward, drop
-  samples with ||eps_c - eps_u|| >= tau, skip the step when all processes dropped everything).
-* ``caption_noise``: :class:`memreg.baselines.CaptionNoise` on captions and embeddings.
+The guard (``cfg.guard.type``) is a :class:`memreg.guards.Guard` built by
+:func:`memreg.guards.build_guard`; the loop calls only its protocol (captions/embeds, extra UNet
+inputs fused into the one forward, loss, step logs, calibration, finish, state), never a guard by
+name. ``_train`` wires the pieces: data -> models -> loader -> guard -> prepare -> resume ->
+calibration -> monitor -> ``_loop`` (``_accumulate`` per micro-batch, ``_end_of_step`` per
+optimizer step) -> ``_finish``.
 """
 
 from __future__ import annotations
@@ -30,10 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from memreg.encoding import PromptEncoder
+from memreg.guards import Guard, GuardBatch, GuardContext, build_guard, concat_inputs, split_output
+from memreg.guards.reference import duplicated_captions
 from memreg.training import checkpoint as ckpt
 from memreg.training import data as data_mod
 from memreg.training.config import TrainConfig, flat_dict, save_config
 from memreg.training.metrics import StepTimer, peak_memory_mb
+from memreg.training.output_dir import claim_output_dir
 from memreg.training.setup import _to, check_prediction_type, clip_trainable_grads, setup_models
 
 logger = logging.getLogger("memreg.train")
@@ -44,10 +45,9 @@ class TrainResult:
     output_dir: Path
     global_step: int
     logs: list[dict] = field(default_factory=list)      # one dict per optimizer step (main process)
-    calibration: Any = None
-    final_report: dict | None = None
+    final_report: dict | None = None    # the guard's end-of-run report (penalty: ordinary conditioning)
     data_summary: Any = None
-    probe_forward: str | None = None   # fused | separate | measure (penalty runs only)
+    guard: Guard | None = None          # the guard that ran (its state, calibration, final report)
 
 
 def _resolve_seed(cfg: TrainConfig, accelerator) -> int:
@@ -79,10 +79,6 @@ def _gather_cat(accelerator, t: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(t.detach().contiguous()).reshape(-1)
 
 
-def _quantile(t: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(t.double().cpu(), q)) if t.numel() else math.nan
-
-
 def train(cfg: TrainConfig, meter=None) -> TrainResult:
     """Run ``cfg``. ``meter``: optional :class:`~memreg.training.metrics.SavedTensorMeter` wrapped
     around each micro-step's forward (benchmarks: activation memory on CPU, logged as
@@ -95,8 +91,10 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
 
     # ------------------------------------------------------------------ early checks (no weights loaded)
     resuming = bool(cfg.resume_from_checkpoint)
-    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir) if resuming else None
     ckpt.check_output_dir(cfg.output_dir, resuming=resuming, overwrite=cfg.overwrite_output_dir)
+    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir,
+                                      num_processes=int(os.environ.get("WORLD_SIZE", "1")),
+                                      allow_incomplete=cfg.allow_incomplete_checkpoint)
     data_mod.check_data_source(cfg.train_data_dir, cfg.dataset_name)
     model_prediction_type = check_prediction_type(cfg)
 
@@ -113,11 +111,15 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(logging_dir)),
     )
     _setup_logging(accelerator.is_main_process)
+    lock = None
     try:
+        lock = claim_output_dir(cfg.output_dir, accelerator, overwrite=cfg.overwrite_output_dir)
         seed = _resolve_seed(cfg, accelerator)
         return _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed, get_scheduler,
                       compute_snr, tqdm, meter)
     finally:
+        if lock is not None:
+            lock.release()
         accelerator.end_training()
         if accelerator.num_processes == 1:
             from accelerate.state import AcceleratorState, GradientState
@@ -126,13 +128,85 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
             GradientState._reset_state()
 
 
+@dataclass
+class _Run:
+    """What one run holds; built step by step by ``_train``'s helpers."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    models: Any
+    data: Any
+    encoder: PromptEncoder
+    prediction_type: str
+    compute_snr: Any
+    meter: Any = None
+    dataset: Any = None
+    dataloader: Any = None
+    sampler: Any = None                 # the raw loader's EpochSampler (shared by accelerate's wrappers)
+    latent_shape: tuple = ()
+    guard: Guard | None = None
+    unet_p: Any = None
+    te_p: Any = None
+    trained_models: list = field(default_factory=list)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    max_steps: int = 0
+    per_epoch: int = 1
+    num_epochs: int = 1
+    global_step: int = 0
+    first_epoch: int = 0
+    skip_batches: int = 0
+    monitor: Any = None
+
+    @property
+    def total_batch(self) -> int:
+        c = self.cfg
+        return c.train_batch_size * self.accelerator.num_processes * c.gradient_accumulation_steps
+
+    def forward(self, sample, timesteps, embeds, checkpointing: bool = False) -> torch.Tensor:
+        """The trained (wrapped) UNet; ``checkpointing``: recompute activations in backward this time."""
+        unet = self.models.unet
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        try:
+            return self.unet_p(sample, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        finally:
+            if checkpointing:
+                unet.disable_gradient_checkpointing()
+
+
 def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed, get_scheduler, compute_snr,
            tqdm, meter=None) -> TrainResult:
-    device = accelerator.device
-    rank = accelerator.process_index
-    g = cfg.guard
+    data = _load_data(cfg, accelerator, seed)   # data before weights: a bad dataset fails fast
+    set_seed(seed, device_specific=True)
+    models = setup_models(cfg, accelerator.device, accelerator.mixed_precision)
+    run = _Run(cfg=cfg, accelerator=accelerator, models=models, data=data, prediction_type=model_prediction_type,
+               compute_snr=compute_snr, meter=meter,
+               encoder=PromptEncoder(models.tokenizer, models.text_encoder, accelerator.device))
+    _build_loader(run, seed)
+    run.guard = build_guard(cfg.guard, _guard_context(run))
+    if accelerator.is_main_process:
+        logger.info("%s; batch %d", run.guard.describe(), cfg.train_batch_size)
+    _prepare(run, get_scheduler)
+    _start_outputs(run)
+    if resume_path is not None:
+        _resume(run, resume_path)
+    run.guard.calibrate()
+    run.monitor = _build_monitor(run)
+    _run_monitor(run, run.global_step, final=False)
+    result = TrainResult(output_dir=Path(cfg.output_dir), global_step=run.global_step, data_summary=data.summary,
+                         guard=run.guard)
+    _loop(run, result, tqdm)
+    result.global_step = run.global_step
+    stop = cfg.stop_at_step
+    if stop is not None and stop <= run.global_step < run.max_steps:
+        logger.info("stop_at_step=%d reached: stopping without final outputs (resume to finish)", stop)
+        return result
+    _finish(run, result)
+    return result
 
-    # Data before weights: a bad dataset fails fast (same split on every process).
+
+def _load_data(cfg, accelerator, seed):
     with accelerator.main_process_first():
         data = data_mod.build_train_data(cfg, seed)
     if accelerator.is_main_process:
@@ -141,326 +215,251 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed,
                     s.num_total, s.num_train, s.num_heldout, s.skipped)
     if not data.train_idx:
         raise data_mod.DataError("no training samples left after the held-out split")
+    return data
 
-    set_seed(seed, device_specific=True)
-    models = setup_models(cfg, device, accelerator.mixed_precision)
-    unet, te, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
-    noise_scheduler = models.noise_scheduler
-    wdtype = models.weight_dtype
-    prediction_type = model_prediction_type
-    encoder = PromptEncoder(tokenizer, te, device)
 
+def _build_loader(run: _Run, seed: int) -> None:
+    cfg, m = run.cfg, run.models
     latent_cache = None
     if cfg.cache_latents:
         if not cfg.center_crop:
             logger.info("cache_latents: images are center-cropped (a random crop cannot be cached)")
-        latent_cache = data_mod.build_latent_cache(data, vae, cfg.resolution, cfg.random_flip, device, wdtype)
-    dataset = data_mod.TrainDataset(data, cfg.resolution, cfg.center_crop, cfg.random_flip, seed,
-                                    latent_cache=latent_cache, proportion_empty_prompts=cfg.proportion_empty_prompts)
-    dataloader = data_mod.make_dataloader(dataset, cfg.train_batch_size, cfg.dataloader_num_workers, seed)
-    sampler = dataloader.sampler
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_cache = data_mod.build_latent_cache(run.data, m.vae, cfg.resolution, cfg.random_flip,
+                                                   run.accelerator.device, m.weight_dtype)
+    run.dataset = data_mod.TrainDataset(run.data, cfg.resolution, cfg.center_crop, cfg.random_flip, seed,
+                                        latent_cache=latent_cache, proportion_empty_prompts=cfg.proportion_empty_prompts)
+    run.dataloader = data_mod.make_dataloader(run.dataset, cfg.train_batch_size, cfg.dataloader_num_workers, seed)
+    run.sampler = run.dataloader.sampler
+    vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
     if cfg.resolution % vae_scale:
         raise data_mod.DataError(f"resolution={cfg.resolution} is not a multiple of the VAE factor {vae_scale}")
-    latent_shape = (unet.config.in_channels, cfg.resolution // vae_scale, cfg.resolution // vae_scale)
+    run.latent_shape = (m.unet.config.in_channels, cfg.resolution // vae_scale, cfg.resolution // vae_scale)
 
-    # ------------------------------------------------------------------ guard
-    penalty = wen = cnoise = None
-    guard_objects: dict[str, Any] = {}
-    if g.type == "penalty":
-        from memreg.penalty import MemorizationPenalty, make_scorer
 
-        scorer = make_scorer(unet, noise_scheduler, preset=g.preset, t_hi=g.t_hi, t_lo=g.t_lo,
-                             prediction_type=prediction_type)
-        penalty = MemorizationPenalty(
-            scorer, mode=g.mode, weight=g.weight, tau=g.tau, probes_per_step=g.probes_per_step,
-            every_n_steps=g.every_n_steps, warmup_steps=g.warmup_steps, term=g.term, zscore=g.zscore,
-            tau_z=g.tau_z, tau_quantile=g.tau_quantile, tau_ema=g.tau_ema, calibration_prompts=g.calibration_prompts,
-            calibration_seeds=g.calibration_seeds, seed=g.seed, process_index=rank)
-        guard_objects["penalty"] = penalty
-    elif g.type == "wen_filter":
-        from memreg.baselines import WenFilter
+def _guard_context(run: _Run) -> GuardContext:
+    """The run as a guard sees it (no-grad forwards on the unwrapped UNet, collectives, data)."""
+    acc, m, enc = run.accelerator, run.models, run.encoder
 
-        wen = WenFilter(noise_scheduler.alphas_cumprod, prediction_type, tau=g.wen.tau, tau_quantile=g.wen.tau_quantile)
-        guard_objects["wen_filter"] = wen
-    elif g.type == "caption_noise":
-        from memreg.baselines import CaptionNoise
+    def broadcast(t: torch.Tensor) -> torch.Tensor:
+        from accelerate.utils import broadcast as bc
 
-        cn = g.caption_noise
-        cnoise = CaptionNoise.from_tokenizer(tokenizer, word_prob=cn.word_prob, num_words=cn.num_words,
-                                             embed_noise=cn.embed_noise, seed=g.seed + 7919 * rank)
-        guard_objects["caption_noise"] = cnoise
+        return bc(t.to(acc.device), from_process=0).cpu()
 
-    # How the probes run: "fused" (concatenated onto the denoising batch: one forward, one backward),
-    # "separate" (a second forward; single process only), or "measure" (weight 0: a no-grad forward of
-    # the unwrapped UNet, so the probes are logged but cannot change training, and cost no backward).
-    probe_forward = None
-    probe_ckpt = False
-    if penalty is not None:
-        probe_forward = "fused"
-        if penalty.weight == 0:
-            probe_forward = "measure"
-        elif not g.fused_forward:
-            if accelerator.num_processes > 1:
-                logger.warning("guard.fused_forward=false cannot work under DDP (one forward per backward); "
-                               "falling back to the fused forward")
-            else:
-                probe_forward = "separate"
-        pc = g.probe_checkpointing
-        probe_ckpt = (not cfg.gradient_checkpointing) if pc == "auto" else bool(pc) and not cfg.gradient_checkpointing
-        probe_ckpt = probe_ckpt and probe_forward in ("fused", "separate")
-        if accelerator.is_main_process:
-            per = penalty.probes_per_step * (4 if g.term == "combined" else 2)
-            how = {"fused": "in the denoising UNet forward (one forward per backward)",
-                   "separate": "in a separate UNet forward (guard.fused_forward=false)",
-                   "measure": "in a separate no-grad forward (weight 0: measured, no training effect)"}[probe_forward]
-            logger.info("penalty: %d probe samples per active step %s; batch %d, every %d steps from step %d%s",
-                        per, how, cfg.train_batch_size, g.every_n_steps, g.warmup_steps,
-                        "; activation checkpointing on probe steps" if probe_ckpt else "")
+    return GuardContext(
+        unet=m.unet, noise_scheduler=m.noise_scheduler, prediction_type=run.prediction_type, tokenizer=m.tokenizer,
+        encode=lambda caps: enc(caps), uncond=lambda: enc.uncond(fresh=m.train_text_encoder),
+        latent_shape=run.latent_shape, seed=run.cfg.guard.seed, process_index=acc.process_index,
+        num_processes=acc.num_processes, batch_size=run.cfg.train_batch_size, weight_dtype=m.weight_dtype,
+        gradient_checkpointing=run.cfg.gradient_checkpointing, train_captions=run.data.train_captions(),
+        calibration_batches=lambda n, gen: _calibration_batches(run, n, gen),
+        gather=lambda t: _gather_cat(acc, t), reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
+        broadcast=broadcast, autocast=acc.autocast,
+        duplicated_captions=lambda: duplicated_captions(run.data.records("train"), run.cfg.eval.dup_min_count,
+                                                        run.cfg.eval.duplicates_from))
 
-    # ------------------------------------------------------------------ optimizer, schedule, prepare
+
+def _prepare(run: _Run, get_scheduler) -> None:
+    """Optimizer, LR schedule, ``accelerator.prepare``, step counts and checkpoint hooks."""
+    cfg, acc, m = run.cfg, run.accelerator, run.models
     lr = cfg.learning_rate
     if cfg.scale_lr:
-        lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    params = models.trainable_params
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+    optimizer = torch.optim.AdamW(m.trainable_params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * max(per_epoch, 1)
+    per_epoch = math.ceil(len(run.dataloader) / acc.num_processes / cfg.gradient_accumulation_steps)
+    run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * max(per_epoch, 1)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                 num_training_steps=run.max_steps * acc.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    if models.train_text_encoder:
-        unet_p, te_p, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, te, optimizer, dataloader,
-                                                                                lr_scheduler)
-        trained_models = [unet_p, te_p]
+    if m.train_text_encoder:
+        run.unet_p, run.te_p, run.optimizer, run.dataloader, run.lr_scheduler = acc.prepare(
+            m.unet, m.text_encoder, optimizer, run.dataloader, lr_scheduler)
+        run.trained_models = [run.unet_p, run.te_p]
     else:
-        unet_p, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-        te_p = te
-        trained_models = [unet_p]
-    per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_steps / per_epoch)
+        run.unet_p, run.optimizer, run.dataloader, run.lr_scheduler = acc.prepare(
+            m.unet, optimizer, run.dataloader, lr_scheduler)
+        run.te_p = m.text_encoder
+        run.trained_models = [run.unet_p]
+    run.per_epoch = math.ceil(len(run.dataloader) / cfg.gradient_accumulation_steps)
+    run.num_epochs = math.ceil(run.max_steps / run.per_epoch)
+    ckpt.register_hooks(acc, cfg.mode, m.unet, m.text_encoder if m.train_text_encoder else None, m.ema,
+                        {run.guard.name: run.guard})
 
-    ckpt.register_hooks(accelerator, cfg.mode, unet, te if models.train_text_encoder else None, models.ema,
-                        guard_objects)
 
-    if accelerator.is_main_process:
+def _start_outputs(run: _Run) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    if acc.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-        if accelerator.log_with:
-            accelerator.init_trackers(cfg.tracker_project_name, config=flat_dict(cfg))
+        if acc.log_with:
+            acc.init_trackers(cfg.tracker_project_name, config=flat_dict(cfg))
 
-    global_step = 0
-    first_epoch = 0
-    skip_batches = 0
-    if resume_path is not None:
-        accelerator.print(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = ckpt.step_of(resume_path)
-        first_epoch = global_step // per_epoch
-        skip_batches = (global_step % per_epoch) * cfg.gradient_accumulation_steps
 
-    # ------------------------------------------------------------------ guard calibration (base model)
-    train_caps = data.train_captions()
-    if penalty is not None and penalty.calibration is None:
-        with torch.no_grad(), accelerator.autocast():
-            # chunks of train_batch_size captions (4x that many no-grad UNet samples): the calibration
-            # pass stays under the training step's memory peak
-            cal = penalty.calibrate(
-                train_caps, lambda caps: encoder(caps), encoder.uncond(), latent_shape,
-                run_unet=lambda s, t, e: unet(s.to(wdtype), t, encoder_hidden_states=e.to(wdtype),
-                                              return_dict=False)[0], batch_size=cfg.train_batch_size)
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
+def _resume(run: _Run, resume_path) -> None:
+    run.accelerator.print(f"resuming from {resume_path}")
+    run.accelerator.load_state(str(resume_path))
+    run.global_step = ckpt.step_of(resume_path)
+    run.first_epoch = run.global_step // run.per_epoch
+    run.skip_batches = (run.global_step % run.per_epoch) * run.cfg.gradient_accumulation_steps
 
-            from memreg.penalty import Calibration
 
-            cal = Calibration.from_tensor(broadcast(cal.as_tensor().to(device), from_process=0))
-            penalty.set_calibration(cal)
-        if accelerator.is_main_process:
-            logger.info("penalty calibration: tau=%.4f (q=%.2f of %d base-model scores; mu=%.4f sigma=%.4f), "
-                        "reference guidance norm under tau=%.4f", cal.tau, cal.quantile, cal.num_values, cal.mu,
-                        cal.sigma, cal.ref_norm)
-    if wen is not None and wen.tau is None:
-        norms = _wen_calibration_norms(cfg, dataset, encoder, unet, vae, noise_scheduler, wen, wdtype, device,
-                                       accelerator)
-        tau = wen.calibrate(norms)
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
+def _build_monitor(run: _Run):
+    if not (run.cfg.eval.enabled and run.accelerator.is_main_process):
+        return None
+    from memreg.models import SDComponents
+    from memreg.monitor import MemorizationMonitor
 
-            wen.tau = float(broadcast(torch.tensor([tau], dtype=torch.float64, device=device), from_process=0)[0])
-        if accelerator.is_main_process:
-            logger.info("wen_filter calibration: tau=%.4f (q=%.2f of %d base-model norms)", wen.tau,
-                        g.wen.tau_quantile, norms.numel())
+    m = run.models
+    comps = SDComponents(tokenizer=m.tokenizer, text_encoder=m.text_encoder, unet=m.unet, vae=m.vae,
+                         scheduler=m.noise_scheduler, model=run.cfg.pretrained_model_name_or_path)
+    return MemorizationMonitor(run.cfg.eval, components=comps, train_records=run.data.records("train"),
+                               heldout_records=run.data.records("heldout"), accelerator=run.accelerator,
+                               output_dir=run.cfg.output_dir)
 
-    # ------------------------------------------------------------------ monitor
-    monitor = None
-    if cfg.eval.enabled and accelerator.is_main_process:
-        from memreg.models import SDComponents
-        from memreg.monitor import MemorizationMonitor
 
-        comps = SDComponents(tokenizer=tokenizer, text_encoder=te, unet=unet, vae=vae,
-                             scheduler=noise_scheduler, model=cfg.pretrained_model_name_or_path)
-        monitor = MemorizationMonitor(cfg.eval, components=comps, train_records=data.records("train"),
-                                      heldout_records=data.records("heldout"), accelerator=accelerator,
-                                      output_dir=cfg.output_dir)
-
-    def run_monitor(step: int, final: bool) -> None:
-        if monitor is None:
-            return
-        ema = models.ema
+def _run_monitor(run: _Run, step: int, final: bool) -> None:
+    """The monitor on the EMA weights when there are any (restored after)."""
+    if run.monitor is None:
+        return
+    ema, unet = run.models.ema, run.models.unet
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    try:
+        run.monitor.maybe_run(step, unet=run.accelerator.unwrap_model(run.unet_p), final=final)
+    finally:
         if ema is not None:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-        try:
-            monitor.maybe_run(step, unet=accelerator.unwrap_model(unet_p), final=final)
-        finally:
-            if ema is not None:
-                ema.restore(unet.parameters())
+            ema.restore(unet.parameters())
 
-    run_monitor(global_step, final=False)
 
-    # ------------------------------------------------------------------ loop
-    total_batch = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    if accelerator.is_main_process:
+# ---------------------------------------------------------------------- the loop
+
+def _epoch_batches(run: _Run, epoch: int):
+    """The epoch's batches, skipping the ones a resumed run already trained on."""
+    loader = run.dataloader
+    loader.set_epoch(epoch)
+    if epoch == run.first_epoch and run.skip_batches:
+        loader = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches)
+        loader.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)  # the one EpochSampler all wrappers share
+    return loader
+
+
+def _loop(run: _Run, result: TrainResult, tqdm) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    if acc.is_main_process:
         logger.info("training: %d steps (%d epochs of %d), batch %d x %d processes x %d accumulation = %d, mode %s, "
-                    "guard %s", max_steps, num_epochs, per_epoch, cfg.train_batch_size, accelerator.num_processes,
-                    cfg.gradient_accumulation_steps, total_batch, cfg.mode, g.type)
-    progress = tqdm(range(max_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
-    timer = StepTimer(device)
+                    "guard %s", run.max_steps, run.num_epochs, run.per_epoch, cfg.train_batch_size,
+                    acc.num_processes, cfg.gradient_accumulation_steps, run.total_batch, cfg.mode, run.guard.name)
+    progress = tqdm(range(run.max_steps), initial=run.global_step, desc="steps",
+                    disable=not acc.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
+    timer = StepTimer(acc.device)
     timer.start()
-    result = TrainResult(output_dir=Path(cfg.output_dir), global_step=global_step, data_summary=data.summary,
-                         probe_forward=probe_forward,
-                         calibration=penalty.calibration if penalty is not None else None)
     window = _Window()
-    wen_skipped = 0
-    stop = cfg.stop_at_step
-    done = global_step >= max_steps or (stop is not None and global_step >= stop)
-
-    for epoch in range(first_epoch, num_epochs):
-        if done:
+    for epoch in range(run.first_epoch, run.num_epochs):
+        if _done(run):
             break
-        dataloader.set_epoch(epoch)
-        loader = dataloader
-        if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(dataloader, skip_batches)
-            loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)  # the one EpochSampler all wrappers share
-        for batch in loader:
-            with accelerator.accumulate(*trained_models):
-                if meter is not None:
-                    meter.reset()
-                with meter if meter is not None else nullcontext():
-                    out = _micro_step(cfg, batch, accelerator, unet_p, unet, te_p, vae, encoder, noise_scheduler,
-                                      prediction_type, wdtype, compute_snr, penalty, wen, cnoise, global_step,
-                                      probe_forward, models.train_text_encoder, probe_ckpt)
-                window.add(out)
-                if out.loss is not None:
-                    accelerator.backward(out.loss)
-                    window.backward = True
-                elif window.backward:
-                    # Skipped micro-batch after others in this window: a zero backward keeps DDP in sync.
-                    accelerator.backward(out.zero)
-                grad_norm = None
-                if accelerator.sync_gradients and window.backward:
-                    grad_norm = clip_trainable_grads(accelerator, params, cfg.max_grad_norm)
-                if window.backward:
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+        for batch in _epoch_batches(run, epoch):
+            grad_norm = _accumulate(run, batch, window)
+            if not acc.sync_gradients:
                 continue
-            # ---- one optimizer step done (or skipped by the Wen filter)
-            if models.ema is not None and window.backward:
-                models.ema.step(unet.parameters())
-            if not window.backward:
-                wen_skipped += 1
-            step_time = timer.lap()
-            logs = window.summarize(accelerator, penalty)
-            logs.update({"train/lr": lr_scheduler.get_last_lr()[0], "perf/step_time_s": step_time,
-                         "perf/samples_per_s": total_batch / step_time if step_time > 0 else math.nan,
-                         "perf/peak_mem_mb": peak_memory_mb(device)})
-            if grad_norm is not None:
-                logs["train/grad_norm"] = grad_norm
-            if meter is not None:
-                logs["perf/activation_mb"] = meter.peak / 2**20
-                meter.peak = 0
-            if wen is not None:
-                logs["guard/wen_tau"] = wen.tau
-                logs["guard/wen_skipped_steps"] = wen_skipped
+            _end_of_step(run, window, timer.lap(), grad_norm, result, progress)
             window = _Window()
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()
-                                  if k in ("train/loss_mse", "guard/penalty", "guard/cond_ratio")})
-            accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                result.logs.append(dict(logs, step=global_step))
-                if penalty is not None and "guard/probe_score_mean" in logs and (
-                        global_step <= 1 or global_step % 50 == 0):
-                    logger.info("step %d guard: tau=%.4f probes over tau %.0f%%, probe score mean %.4f, "
-                                "ordinary conditioning ratio %.3f", global_step, logs["guard/tau"],
-                                100 * logs["guard/frac_over_tau"], logs["guard/probe_score_mean"],
-                                logs.get("guard/cond_ratio", math.nan))
-            if global_step % cfg.checkpointing_steps == 0:
-                _save_checkpoint(cfg, accelerator, global_step)
-            run_monitor(global_step, final=False)
             timer.start()
-            if global_step >= max_steps or (stop is not None and global_step >= stop):
-                done = True
+            if _done(run):
                 break
+    acc.wait_for_everyone()
+    progress.close()
 
-    accelerator.wait_for_everyone()
-    result.global_step = global_step
-    if stop is not None and global_step >= stop and global_step < max_steps:
-        logger.info("stop_at_step=%d reached: stopping without final outputs (resume to finish)", stop)
-        progress.close()
-        return result
 
-    # ------------------------------------------------------------------ outputs
-    if penalty is not None:
-        result.final_report = _final_conditioning_report(penalty, train_caps, encoder, unet, latent_shape, wdtype,
-                                                         accelerator, batch_size=cfg.train_batch_size)
-        if accelerator.is_main_process:
-            r = result.final_report
-            logger.info("ordinary conditioning at the end: guidance norm of calibration draws that were under tau "
-                        "at the start = %.4f (start %.4f, ratio %.3f); %.0f%% of draws now over tau=%.4f",
-                        r["final_norm_under"], r["ref_norm"], r["final_cond_ratio"], 100 * r["final_frac_over"],
-                        r["tau"])
-            accelerator.log({f"guard/{k}": v for k, v in r.items()}, step=global_step)
-    if accelerator.is_main_process:
+def _done(run: _Run) -> bool:
+    stop = run.cfg.stop_at_step
+    return run.global_step >= run.max_steps or (stop is not None and run.global_step >= stop)
+
+
+def _accumulate(run: _Run, batch, window: "_Window") -> float | None:
+    """One micro-batch: forward, guard, backward; the optimizer step when gradients sync."""
+    acc, opt = run.accelerator, run.optimizer
+    with acc.accumulate(*run.trained_models):
+        if run.meter is not None:
+            run.meter.reset()
+        with run.meter if run.meter is not None else nullcontext():
+            out = _micro_step(run, batch)
+        window.add(out)
+        if out.loss is not None:
+            acc.backward(out.loss)
+            window.backward = True
+        elif window.backward:
+            # Skipped micro-batch after others in this window: a zero backward keeps DDP in sync.
+            acc.backward(out.zero)
+        grad_norm = None
+        if acc.sync_gradients and window.backward:
+            grad_norm = clip_trainable_grads(acc, run.models.trainable_params, run.cfg.max_grad_norm)
+        if window.backward:
+            opt.step()
+            run.lr_scheduler.step()
+            opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _end_of_step(run: _Run, window: "_Window", step_time: float, grad_norm, result: TrainResult, progress) -> None:
+    """After an optimizer step (or one the guard skipped): EMA, logs, checkpoint, monitor."""
+    acc, m = run.accelerator, run.models
+    if m.ema is not None and window.backward:
+        m.ema.step(m.unet.parameters())
+    logs = window.summarize(acc)
+    logs.update(run.guard.step_logs(logs))
+    logs.update({"train/lr": run.lr_scheduler.get_last_lr()[0], "perf/step_time_s": step_time,
+                 "perf/samples_per_s": run.total_batch / step_time if step_time > 0 else math.nan,
+                 "perf/peak_mem_mb": peak_memory_mb(acc.device)})
+    if grad_norm is not None:
+        logs["train/grad_norm"] = grad_norm
+    if run.meter is not None:
+        logs["perf/activation_mb"] = run.meter.peak / 2**20
+        run.meter.peak = 0
+    run.global_step += 1
+    progress.update(1)
+    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()
+                          if k in ("train/loss_mse", "guard/penalty", "guard/cond_ratio")})
+    acc.log(logs, step=run.global_step)
+    if acc.is_main_process:
+        result.logs.append(dict(logs, step=run.global_step))
+    if run.global_step % run.cfg.checkpointing_steps == 0:
+        _save_checkpoint(run.cfg, acc, run.global_step)
+    _run_monitor(run, run.global_step, final=False)
+
+
+def _finish(run: _Run, result: TrainResult) -> None:
+    """The guard's end-of-run report, the trained weights, the monitor's final eval."""
+    acc, cfg, m = run.accelerator, run.cfg, run.models
+    report = run.guard.finish()
+    if report:
+        result.final_report = report
+        acc.log({f"guard/{k}": v for k, v in report.items()}, step=run.global_step)
+    if acc.is_main_process:
         if cfg.mode == "lora":
-            written = ckpt.save_lora(cfg.output_dir, unet, te if models.train_text_encoder else None)
+            written = ckpt.save_lora(cfg.output_dir, m.unet, m.text_encoder if m.train_text_encoder else None)
             logger.info("saved LoRA weights: %s", ", ".join(str(p) for p in written.values()))
         else:
-            if models.ema is not None:
-                models.ema.copy_to(unet.parameters())
-            for m in (unet, te, vae):
-                _to(m, device, torch.float32)
-            ckpt.save_full_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, unet, te, vae, tokenizer,
-                                    revision=cfg.revision, variant=cfg.variant)
+            if m.ema is not None:
+                m.ema.copy_to(m.unet.parameters())
+            for mod in (m.unet, m.text_encoder, m.vae):
+                _to(mod, acc.device, torch.float32)
+            ckpt.save_full_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, m.unet, m.text_encoder, m.vae,
+                                    m.tokenizer, revision=cfg.revision, variant=cfg.variant)
             logger.info("saved the fine-tuned pipeline to %s", cfg.output_dir)
-    run_monitor(global_step, final=True)
-    accelerator.wait_for_everyone()
-    progress.close()
-    return result
+    _run_monitor(run, run.global_step, final=True)
+    acc.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------- one micro-batch
 
 @dataclass
 class _MicroOut:
-    loss: torch.Tensor | None                 # None: skip backward (Wen filter dropped every sample)
-    zero: torch.Tensor | None                 # a zero loss with graph, for DDP-sync on a skipped step
+    loss: torch.Tensor | None                 # None: skip backward (the guard skipped this step everywhere)
+    zero: torch.Tensor | None                 # a zero loss with graph, for DDP-sync on a skipped micro-batch
     loss_mse: torch.Tensor
-    penalty: torch.Tensor | None = None
-    probe_values: torch.Tensor | None = None
-    probe_norms: torch.Tensor | None = None
-    probe_over: torch.Tensor | None = None
-    wen_kept: torch.Tensor | None = None
-    batch_size: int = 0
 
 
 def _latents(batch, vae, wdtype) -> torch.Tensor:
@@ -472,112 +471,50 @@ def _latents(batch, vae, wdtype) -> torch.Tensor:
     return lat * vae.config.scaling_factor
 
 
-def _micro_step(cfg, batch, accelerator, unet_p, unet, te_p, vae, encoder, noise_scheduler, prediction_type,
-                wdtype, compute_snr, penalty, wen, cnoise, global_step, probe_forward, train_te,
-                probe_ckpt=False) -> _MicroOut:
-    with torch.no_grad():
-        latents = _latents(batch, vae, wdtype)
+def _noised(cfg, latents: torch.Tensor, noise_scheduler):
+    """(noise, timesteps, noisy latents) from the training RNG, in diffusers' order."""
     noise = torch.randn_like(latents)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
                                                        device=latents.device, dtype=latents.dtype)
-    bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+    return noise, t, noise_scheduler.add_noise(latents, noise, t)
 
-    captions = list(batch["caption"])
-    if cnoise is not None:
-        captions = cnoise.captions(captions)
-    ctx = nullcontext() if train_te else torch.no_grad()
-    with ctx:
-        embeds = encoder(captions, model=te_p)
-    if cnoise is not None:
-        embeds = cnoise.embeds(embeds)
 
-    if prediction_type == "epsilon":
+def _per_sample_loss(run: _Run, model_pred, target, timesteps) -> torch.Tensor:
+    """MSE per sample, Min-SNR-gamma weighted when ``snr_gamma`` is set (diffusers' recipe)."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    gamma = run.cfg.snr_gamma
+    if gamma is not None:
+        snr = run.compute_snr(run.models.noise_scheduler, timesteps)
+        w = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        w = w / snr if run.prediction_type == "epsilon" else w / (snr + 1)
+        per_sample = per_sample * w
+    return per_sample
+
+
+def _micro_step(run: _Run, batch) -> _MicroOut:
+    m, guard, step = run.models, run.guard, run.global_step
+    with torch.no_grad():
+        latents = _latents(batch, m.vae, m.weight_dtype)
+    noise, timesteps, noisy = _noised(run.cfg, latents, m.noise_scheduler)
+    captions = guard.captions(list(batch["caption"]))
+    with nullcontext() if m.train_text_encoder else torch.no_grad():
+        embeds = run.encoder(captions, model=run.te_p)
+    embeds = guard.embeds(embeds)
+    if run.prediction_type == "epsilon":
         target = noise
     else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-
-    uncond = None
-    if penalty is not None or wen is not None:
-        uncond = encoder.uncond(fresh=train_te)
-
-    uncond_pred = None
-    if wen is not None:
-        with torch.no_grad(), accelerator.autocast():
-            u = uncond.expand(bsz, *uncond.shape[1:]).to(wdtype)
-            uncond_pred = unet(noisy.to(wdtype), timesteps, encoder_hidden_states=u, return_dict=False)[0]
-
-    probe = None
-    if penalty is not None:
-        probe = penalty.prepare(embeds, uncond, tuple(latents.shape[1:]), global_step)
-
-    fused = probe is not None and probe_forward == "fused"
-    sample, ts, enc = noisy, timesteps, embeds
-    if fused:
-        sample = torch.cat([noisy, probe.sample.to(noisy.dtype)])
-        ts = torch.cat([timesteps, probe.timesteps.to(timesteps.device)])
-        enc = torch.cat([embeds, probe.embeds.to(embeds.dtype)])
-    ckpt_now = probe_ckpt and probe is not None and probe_forward in ("fused", "separate")
-    if ckpt_now:  # recompute activations in backward on probe steps instead of holding them
-        unet.enable_gradient_checkpointing()
-    try:
-        out = unet_p(sample, ts, encoder_hidden_states=enc, return_dict=False)[0]
-        probe_out = None
-        if probe is not None and probe_forward == "separate":
-            probe_out = unet_p(probe.sample.to(noisy.dtype), probe.timesteps,
-                               encoder_hidden_states=probe.embeds.to(embeds.dtype), return_dict=False)[0]
-    finally:
-        if ckpt_now:
-            unet.disable_gradient_checkpointing()
-    model_pred = out[:bsz]
-    if probe is not None:
-        if fused:
-            probe_out = out[bsz:]
-        elif probe_forward == "measure":
-            with torch.no_grad(), accelerator.autocast():
-                probe_out = unet(probe.sample.to(noisy.dtype), probe.timesteps,
-                                 encoder_hidden_states=probe.embeds.to(embeds.dtype), return_dict=False)[0]
-
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.snr_gamma is not None:
-        snr = compute_snr(noise_scheduler, timesteps)
-        w = torch.stack([snr, cfg.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-        w = w / snr if prediction_type == "epsilon" else w / (snr + 1)
-        per_sample = per_sample * w
-
-    res = _MicroOut(loss=None, zero=None, loss_mse=per_sample.mean().detach(), batch_size=bsz)
-    if wen is not None:
-        norms = wen.norms(model_pred, uncond_pred, noisy, timesteps)
-        keep = wen.keep(norms)
-        res.wen_kept = keep.float()
-        kept_total = accelerator.reduce(keep.sum().to(torch.float32).reshape(1), reduction="sum")
-        zero = (model_pred.float() * 0).sum()
-        if float(kept_total) == 0:
-            res.zero = zero
-            res.loss_mse = torch.tensor(math.nan)
-            return res
-        loss_mse = wen.masked_loss(per_sample, keep)
-        if loss_mse is None:  # this process dropped all its samples, others did not: contribute zero grads
-            res.loss_mse = torch.tensor(math.nan)
-            res.loss = zero
-        else:
-            res.loss_mse = loss_mse.detach()
-            res.loss = loss_mse + zero
-        return res
-
-    loss = per_sample.mean()
-    if probe is not None:
-        gather = (lambda v: _gather_cat(accelerator, v)) if penalty.zscore == "batch" else None
-        pout = penalty.compute(probe_out, probe, gather=gather)
-        loss = loss + pout.weighted
-        res.penalty = pout.loss.detach()
-        res.probe_values, res.probe_norms, res.probe_over = pout.values, pout.norm, pout.over
-        if penalty.tau_ema > 0:
-            penalty.update_tau(_gather_cat(accelerator, pout.values))
-    res.loss = loss
-    return res
+        target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+    extra = guard.extra_inputs(step, embeds)
+    out = run.forward(*concat_inputs((noisy, timesteps, embeds), extra),
+                      checkpointing=extra is not None and extra.checkpointing)
+    model_pred, extra_out = split_output(out, latents.shape[0])
+    per_sample = _per_sample_loss(run, model_pred, target, timesteps)
+    res = guard.loss(GuardBatch(step=step, noisy=noisy, timesteps=timesteps, embeds=embeds, model_pred=model_pred,
+                                per_sample=per_sample, extra_out=extra_out, forward=run.forward))
+    zero = (model_pred.float() * 0).sum() if res.loss is None else None
+    return _MicroOut(loss=res.loss, zero=zero, loss_mse=res.loss_mse)
 
 
 class _Window:
@@ -590,89 +527,36 @@ class _Window:
     def add(self, out: _MicroOut) -> None:
         self.items.append(out)
 
-    def summarize(self, accelerator, penalty) -> dict:
-        logs: dict[str, float] = {}
+    def summarize(self, accelerator) -> dict:
         mse = torch.stack([o.loss_mse.float().reshape(()) for o in self.items]).to(accelerator.device)
         mse_all = _gather_cat(accelerator, mse)
         mse_all = mse_all[~torch.isnan(mse_all)]
-        logs["train/loss_mse"] = float(mse_all.mean()) if mse_all.numel() else math.nan
-        probes = [o for o in self.items if o.probe_values is not None]
-        if penalty is not None:
-            logs["guard/tau"] = float(penalty.tau) if penalty.tau is not None else math.nan
-            # every process has probes on the same steps, so these collectives match
-            if probes:
-                vals = _gather_cat(accelerator, torch.cat([o.probe_values for o in probes]).float())
-                norms = _gather_cat(accelerator, torch.cat([o.probe_norms for o in probes]).float())
-                over = _gather_cat(accelerator, torch.cat([o.probe_over for o in probes]).float())
-                pen = _gather_cat(accelerator, torch.stack([o.penalty.float() for o in probes]))
-                logs["guard/penalty"] = float(pen.mean())
-                logs["guard/weighted_penalty"] = penalty.weight * float(pen.mean())
-                logs["guard/probe_score_mean"] = float(vals.mean())
-                logs["guard/probe_score_p95"] = _quantile(vals, 0.95)
-                logs["guard/frac_over_tau"] = float(over.mean())
-                ratio = penalty.cond_ratio(vals.cpu(), norms.cpu())
-                if not math.isnan(ratio):
-                    logs["guard/cond_ratio"] = ratio
-                logs["train/loss"] = logs["train/loss_mse"] + logs["guard/weighted_penalty"]
-        kept = [o.wen_kept for o in self.items if o.wen_kept is not None]
-        if kept:
-            k = _gather_cat(accelerator, torch.cat(kept))
-            logs["guard/wen_kept_frac"] = float(k.mean())
-        return logs
+        return {"train/loss_mse": float(mse_all.mean()) if mse_all.numel() else math.nan}
 
 
 def _save_checkpoint(cfg, accelerator, global_step: int) -> None:
-    path = Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{global_step}"
-    if accelerator.is_main_process:
-        ckpt.prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    accelerator.wait_for_everyone()
+    path = ckpt.save_checkpoint(accelerator, cfg.output_dir, global_step, cfg.checkpoints_total_limit)
     if accelerator.is_main_process:
         logger.info("saved checkpoint %s", path)
 
 
 @torch.no_grad()
-def _wen_calibration_norms(cfg, dataset, encoder, unet, vae, noise_scheduler, wen, wdtype, device,
-                           accelerator) -> torch.Tensor:
-    """Base-model ||eps_c - eps_u|| on a seeded sample of training batches (own generator)."""
-    gen = torch.Generator("cpu").manual_seed(int(cfg.guard.seed) + 31)
-    n = min(len(dataset), cfg.guard.wen.calibration_batches * cfg.train_batch_size)
+def _calibration_batches(run: _Run, num_batches: int, gen: torch.Generator):
+    """Noisy latents of a seeded sample of training batches, all randomness from ``gen`` (guard
+    calibration, e.g. Wen's tau); yields ``{"noisy", "timesteps", "captions"}``."""
+    cfg, m, dataset, device = run.cfg, run.models, run.dataset, run.accelerator.device
+    n = min(len(dataset), num_batches * cfg.train_batch_size)
     order = torch.randperm(len(dataset), generator=gen)[:n].tolist()
     keys = [(dataset.data.train_idx[i], 0) for i in order]
-    uncond = encoder.uncond()
-    norms = []
     for start in range(0, n, cfg.train_batch_size):
-        items = [dataset[k] for k in keys[start:start + cfg.train_batch_size]]
-        batch = data_mod.collate(items)
+        batch = data_mod.collate([dataset[k] for k in keys[start:start + cfg.train_batch_size]])
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "pixel_values" in batch:
-            dist = vae.encode(batch["pixel_values"].to(wdtype)).latent_dist
-            lat = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
+            dist = m.vae.encode(batch["pixel_values"].to(m.weight_dtype)).latent_dist
+            mean, std = dist.mean, dist.std
         else:
-            lat = batch["latent_mean"] + batch["latent_std"] * torch.randn(
-                batch["latent_mean"].shape, generator=gen).to(batch["latent_mean"])
-        lat = lat * vae.config.scaling_factor
-        b = lat.shape[0]
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        lat = (mean + std * torch.randn(mean.shape, generator=gen).to(mean)) * m.vae.config.scaling_factor
         noise = torch.randn(lat.shape, generator=gen).to(lat)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(lat, noise, t)
-        cond = encoder(batch["caption"])
-        with accelerator.autocast():
-            c = unet(noisy.to(wdtype), t, encoder_hidden_states=cond.to(wdtype), return_dict=False)[0]
-            u = unet(noisy.to(wdtype), t, encoder_hidden_states=uncond.expand(b, *uncond.shape[1:]).to(wdtype),
-                     return_dict=False)[0]
-        norms.append(wen.norms(c, u, noisy, t).cpu())
-    return torch.cat(norms)
-
-
-@torch.no_grad()
-def _final_conditioning_report(penalty, train_caps, encoder, unet, latent_shape, wdtype, accelerator,
-                               batch_size: int = 16) -> dict:
-    """Re-score the calibration draws (same captions and noise) with the trained model."""
-    with accelerator.autocast():
-        values, norms = penalty.score_sample(
-            train_caps, lambda caps: encoder(caps), encoder.uncond(), latent_shape,
-            run_unet=lambda s, t, e: unet(s.to(wdtype), t, encoder_hidden_states=e.to(wdtype), return_dict=False)[0],
-            batch_size=batch_size)
-    return penalty.conditioning_report(values, norms)
+        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
+        yield {"noisy": m.noise_scheduler.add_noise(lat, noise, t), "timesteps": t, "captions": batch["caption"]}

@@ -1,16 +1,17 @@
-"""memreg.demo.data.py: counts, exact duplicates, held-out disjointness, determinism."""
+"""memreg.demo.data.py: counts, exact duplicates, captions that underdetermine images, determinism."""
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from memreg.demo.data import DemoDataConfig, build_demo_dataset
+from memreg.demo.data import (SYNONYMS, DemoDataConfig, WorldConfig, build_demo_dataset, caption_of, paraphrases,
+                              pretrain_rows)
 
-CFG = DemoDataConfig(seed=3, n_dup=3, dup_copies=5, n_unique=40, n_heldout=12, resolution=16)
+CFG = DemoDataConfig(seed=3, n_dup=3, dup_copies=5, n_unique=60, n_heldout=12, resolution=16)
 
 
 def _rows(folder):
@@ -30,22 +31,70 @@ def demo(tmp_path_factory):
 
 def test_counts_and_exact_duplicates(demo):
     train = _rows(demo / "train")
-    assert len(train) == 3 * 5 + 40
+    assert len(train) == 3 * 5 + 60
     dup = [r for r in train if r["group"] == "duplicated"]
     hashes = Counter(_pixel_hash(demo / "train" / r["file_name"]) for r in train)
     # Every photo occurs exactly D times, every procedural scene exactly once.
-    assert sorted(hashes.values(), reverse=True) == [5, 5, 5] + [1] * 40
+    assert sorted(hashes.values(), reverse=True) == [5, 5, 5] + [1] * 60
     assert len({r["caption"] for r in dup}) == 3
-    for r in dup:
-        assert hashes[_pixel_hash(demo / "train" / r["file_name"])] == 5
     assert Image.open(demo / "train" / train[0]["file_name"]).size == (16, 16)
 
 
-def test_heldout_compositions_are_never_trained_on(demo):
-    train_caps = {r["caption"] for r in _rows(demo / "train")}
+def test_ordinary_captions_cover_several_different_images(demo):
+    by_caption = defaultdict(set)
+    for r in _rows(demo / "train"):
+        by_caption[r["caption"]].add(_pixel_hash(demo / "train" / r["file_name"]))
+    scene_caps = {r["caption"] for r in _rows(demo / "train") if r["group"] == "unique"}
+    # With 60 scenes, the plain "a <colour> <shape>" captions (40% of them, 32 possible) repeat.
+    assert max(len(by_caption[c]) for c in scene_caps) >= 2
+
+
+def test_memorized_captions_use_only_words_of_the_pretraining_captions(demo):
+    manifest = json.loads((demo / "manifest.json").read_text())
+    pre_words = {w for _, m in pretrain_rows(3000, CFG) for w in m["caption"].replace(",", "").split()}
+    for m in manifest["memorized"]:
+        assert set(m["caption"].split()) <= pre_words
+        for text in m["paraphrases"].values():
+            assert set(text.split()) <= pre_words
+
+
+def test_no_scene_uses_a_memorized_shape_pair(demo):
+    manifest = json.loads((demo / "manifest.json").read_text())
+    pairs = {frozenset([(m["named"]["color"], m["named"]["shape"]),
+                        (m["named"]["pair"]["color"], m["named"]["pair"]["shape"])]) for m in manifest["memorized"]}
+    scenes = [r for r in _rows(demo / "train") + _rows(demo / "heldout") if r["group"] != "duplicated"]
+    scenes += [m for _, m in pretrain_rows(500, CFG)]
+    for r in scenes:
+        n = r["named"]
+        if "pair" in n:
+            assert frozenset([(n["color"], n["shape"]), (n["pair"]["color"], n["pair"]["shape"])]) not in pairs
+
+
+def test_caption_and_paraphrases_by_hand():
+    named = {"color": "red", "shape": "square", "pair": {"color": "white", "shape": "cross"}}
+    assert caption_of(named) == "a red square and a white cross"
+    assert caption_of({"color": "blue", "shape": "circle", "background": "red", "position": "center"},
+                      {"circle": "disc", "red": "crimson"}) == "a blue disc on a crimson background, center"
+    assert paraphrases(named) == {"drop": "a red square and a cross", "reorder": "a white cross and a red square",
+                                  "synonym": "a crimson square and a white cross"}
+    assert SYNONYMS["red"] == "crimson"
+
+
+def test_heldout_images_are_new_and_captions_are_scene_captions(demo):
+    train = _rows(demo / "train")
     held = _rows(demo / "heldout")
     assert len(held) == 12
-    assert not train_caps & {r["caption"] for r in held}
+    train_hashes = {_pixel_hash(demo / "train" / r["file_name"]) for r in train}
+    assert not train_hashes & {_pixel_hash(demo / "heldout" / r["file_name"]) for r in held}
+    dup_caps = {r["caption"] for r in train if r["group"] == "duplicated"}
+    assert not dup_caps & {r["caption"] for r in held}
+
+
+def test_naming_probabilities_are_respected():
+    world = WorldConfig(p_background=0.0, p_position=0.0, p_pair=0.0, p_synonym=0.0)
+    rows = pretrain_rows(50, DemoDataConfig(world=world))
+    assert all(set(m["named"]) == {"color", "shape"} for _, m in rows)
+    assert all(m["caption"] == f"a {m['named']['color']} {m['named']['shape']}" for _, m in rows)
 
 
 def test_deterministic_per_seed(demo, tmp_path):

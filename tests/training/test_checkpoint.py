@@ -94,31 +94,6 @@ def test_checkpoint_holds_a_loadable_lora_file_and_no_pickled_model(plain_run):
 
 # ---------------------------------------------------------------------------- helpers
 
-def test_prune_and_resolve(tmp_path):
-    for s in (1, 2, 10):
-        (tmp_path / f"checkpoint-{s}").mkdir()
-    (tmp_path / "checkpoint-x").mkdir()
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2", "checkpoint-10"]
-    assert ckpt.resolve_resume("latest", str(tmp_path)).name == "checkpoint-10"
-    assert ckpt.resolve_resume("checkpoint-2", str(tmp_path)).name == "checkpoint-2"
-    with pytest.raises(ckpt.CheckpointError, match="checkpoint-7"):
-        ckpt.resolve_resume("checkpoint-7", str(tmp_path))
-    removed = ckpt.prune_checkpoints(tmp_path, limit=2)
-    assert [p.name for p in removed] == ["checkpoint-1", "checkpoint-2"]
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-10"]
-    assert ckpt.resolve_resume("latest", str(tmp_path / "empty")) is None
-
-
-def test_output_dir_rules(tmp_path):
-    ckpt.check_output_dir(str(tmp_path / "new"), resuming=False, overwrite=False)
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "x.txt").write_text("mine")
-    with pytest.raises(ckpt.CheckpointError, match="not empty"):
-        ckpt.check_output_dir(str(tmp_path / "used"), resuming=False, overwrite=False)
-    ckpt.check_output_dir(str(tmp_path / "used"), resuming=True, overwrite=False)
-    ckpt.check_output_dir(str(tmp_path / "used"), resuming=False, overwrite=True)
-
-
 def test_guard_state_roundtrip(tmp_path):
     from memreg.baselines import CaptionNoise, WenFilter
 
@@ -154,3 +129,197 @@ def test_full_fine_tuning_with_text_encoder_trains_saves_and_resumes_exactly(tin
     base_te = weights(tiny_sd_eps, "text_encoder", "model.safetensors")
     trained_te = weights(straight, "text_encoder", "model.safetensors")
     assert any(not torch.equal(base_te[k], trained_te[k]) for k in base_te)
+
+
+# ---------------------------------------------------------------------------- crash-safe saves: helpers
+
+def _fake_checkpoint(out, step: int, complete: bool = True, processes: int = 1):
+    """A checkpoint dir with accelerate's file names and dummy contents; ``complete``: with the marker."""
+    d = out / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for name in ckpt.required_files(processes) + [ckpt.LORA_WEIGHT_NAME]:
+        (d / name).write_bytes(b"x" * (10 + step))
+    if complete:
+        ckpt._write_marker(d, step, processes)
+    return d
+
+
+def test_latest_skips_incomplete_checkpoints_and_unfinished_saves_naming_them(tmp_path, caplog):
+    for s in (1, 2, 10):
+        _fake_checkpoint(tmp_path, s)
+    _fake_checkpoint(tmp_path, 12, complete=False)          # an old-style / interrupted dir
+    (tmp_path / "checkpoint-11.tmp-4242").mkdir()           # a save killed before the rename
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2", "checkpoint-10",
+                                                                 "checkpoint-12"]
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume("latest", str(tmp_path)).name == "checkpoint-10"
+    assert "checkpoint-12 (no checkpoint_complete.json" in caplog.text
+    assert "checkpoint-11.tmp-4242 (unfinished save)" in caplog.text and "resuming from checkpoint-10" in caplog.text
+    assert ckpt.resolve_resume("checkpoint-2", str(tmp_path)).name == "checkpoint-2"
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-7"):
+        ckpt.resolve_resume("checkpoint-7", str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-12.*incomplete: no checkpoint_complete.json"):
+        ckpt.resolve_resume("checkpoint-12", str(tmp_path))
+    assert ckpt.resolve_resume("latest", str(tmp_path / "empty")) is None
+
+
+def test_prune_keeps_the_new_checkpoint_and_never_counts_incomplete_ones(tmp_path):
+    for s in (1, 2, 10):
+        _fake_checkpoint(tmp_path, s)
+    _fake_checkpoint(tmp_path, 12, complete=False)
+    (tmp_path / "checkpoint-11.tmp-4242").mkdir()
+    removed = ckpt.prune_checkpoints(tmp_path, limit=2, keep=tmp_path / "checkpoint-1")
+    # 3 complete, limit 2: the oldest that is not the one just written goes; the unfinished save goes too
+    assert sorted(p.name for p in removed) == ["checkpoint-11.tmp-4242", "checkpoint-2"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-10", "checkpoint-12"]
+
+
+def test_a_truncated_or_missing_file_makes_a_checkpoint_incomplete(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 1)
+    c2 = _fake_checkpoint(tmp_path, 2)
+    (c2 / "optimizer.bin").write_bytes(b"x")               # 12 bytes were written
+    assert ckpt.completeness_problem(c2) == "optimizer.bin has 1 bytes, 12 were written"
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume("latest", str(tmp_path)).name == "checkpoint-1"
+    assert "checkpoint-2 (optimizer.bin has 1 bytes" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.bin has 1 bytes"):
+        ckpt.resolve_resume("checkpoint-2", str(tmp_path))
+    (c2 / "optimizer.bin").write_bytes(b"x" * 12)
+    (c2 / ckpt.LORA_WEIGHT_NAME).unlink()
+    assert ckpt.completeness_problem(c2).startswith(f"{ckpt.LORA_WEIGHT_NAME} is missing")
+
+
+def test_missing_rng_optimizer_or_scheduler_state_is_an_error_naming_the_file(tmp_path, caplog):
+    for i, name in enumerate(["random_states_0.pkl", "optimizer.bin", "scheduler.bin"]):
+        d = _fake_checkpoint(tmp_path / str(i), 3)
+        (d / name).unlink()
+        (d / ckpt.COMPLETE_MARKER).unlink()
+        ckpt._write_marker(d, 3, 1)                          # even with a marker that agrees
+        with pytest.raises(ckpt.CheckpointError, match=f"checkpoint-3.*incomplete: {name} is missing"):
+            ckpt.verify_checkpoint(d)
+    # saved by one process, resumed by two: random_states_1.pkl is missing
+    with pytest.raises(ckpt.CheckpointError, match="random_states_1.pkl is missing"):
+        ckpt.verify_checkpoint(_fake_checkpoint(tmp_path / "p", 1), num_processes=2)
+    with caplog.at_level("WARNING"):
+        ckpt.verify_checkpoint(tmp_path / "0" / "checkpoint-3", allow_incomplete=True)
+    assert "random_states_0.pkl is missing" in caplog.text and "will NOT match" in caplog.text
+
+
+def test_latest_on_a_finished_run_without_checkpoints_refuses(tmp_path, caplog):
+    (tmp_path / ckpt.LORA_WEIGHT_NAME).write_bytes(b"final")
+    _fake_checkpoint(tmp_path, 5, complete=False)
+    with pytest.raises(ckpt.CheckpointError, match="finished run.*nothing to resume"):
+        ckpt.resolve_resume("latest", str(tmp_path))
+    fresh = tmp_path / "killed_during_its_first_save"
+    (fresh / "checkpoint-1.tmp-4242").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume("latest", str(fresh)) is None
+    assert "starting at step 0" in caplog.text
+
+
+def test_output_dir_rules(tmp_path):
+    ckpt.check_output_dir(str(tmp_path / "new"), resuming=False, overwrite=False)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x.txt").write_text("mine")
+    with pytest.raises(ckpt.CheckpointError, match="not empty"):
+        ckpt.check_output_dir(str(tmp_path / "used"), resuming=False, overwrite=False)
+    ckpt.check_output_dir(str(tmp_path / "used"), resuming=True, overwrite=False)
+    ckpt.check_output_dir(str(tmp_path / "used"), resuming=False, overwrite=True)
+    with pytest.raises(ckpt.CheckpointError, match="give one of them"):
+        ckpt.check_output_dir(str(tmp_path / "used"), resuming=True, overwrite=True)
+
+
+# ---------------------------------------------------------------------------- crash-safe saves: real runs
+
+def _fail_save_at(monkeypatch, step: int, point: str):
+    """Make the save of checkpoint-``step`` raise at ``point``: 'scheduler.bin' (after the LoRA file, the
+    guard state and optimizer.bin were written) or 'marker' (every file written, marker not yet)."""
+    import accelerate.checkpointing as acp
+
+    class Killed(RuntimeError):
+        pass
+
+    if point == "marker":
+        real_marker = ckpt._write_marker
+
+        def marker(directory, s, n):
+            if s == step:
+                raise Killed(f"killed before the marker of checkpoint-{s}")
+            real_marker(directory, s, n)
+        monkeypatch.setattr(ckpt, "_write_marker", marker)
+    else:
+        real_save = acp.save
+
+        def save(obj, f, *a, **k):
+            if f"checkpoint-{step}.tmp-" in str(f) and str(f).endswith(point):
+                raise Killed(f"killed while writing {f}")
+            return real_save(obj, f, *a, **k)
+        monkeypatch.setattr(acp, "save", save)
+    return Killed
+
+
+@pytest.mark.parametrize("point", ["scheduler.bin", "marker"])
+def test_a_save_killed_midway_keeps_the_previous_checkpoint_and_resume_is_exact(point, plain_run, tiny_sd_eps,
+                                                                               tiny_data, tmp_path, monkeypatch,
+                                                                               caplog):
+    full_out, _ = plain_run                                  # 4 uninterrupted steps
+    out = tmp_path / "killed_in_save"
+    kw = {"steps": 4, "checkpointing_steps": 1, "checkpoints_total_limit": 1}
+    killed = _fail_save_at(monkeypatch, 3, point)
+    with pytest.raises(killed):
+        run(tiny_sd_eps, tiny_data, out, **kw)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]   # limit 1: pruned only after a save
+    assert ckpt.completeness_problem(out / "checkpoint-2") is None
+    (tmp,) = ckpt.unfinished_saves(out)
+    assert tmp.name.startswith("checkpoint-3.tmp-") and not (tmp / ckpt.COMPLETE_MARKER).exists()
+    assert (tmp / "optimizer.bin").is_file() and (tmp / "scheduler.bin").is_file() == (point == "marker")
+    with caplog.at_level("WARNING"):
+        res = run(tiny_sd_eps, tiny_data, out, resume_from_checkpoint="latest", **kw)
+    assert f"{tmp.name} (unfinished save)" in caplog.text and "resuming from checkpoint-2" in caplog.text
+    assert res.global_step == 4 and not ckpt.unfinished_saves(out)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4"]
+    _assert_identical(lora_weights(full_out), lora_weights(out))
+
+
+def test_resume_from_a_checkpoint_without_rng_state_is_refused(plain_run, tiny_sd_eps, tiny_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "no_rng"
+    shutil.copytree(plain_run[0] / "checkpoint-2", out / "checkpoint-2")
+    (out / "checkpoint-2" / "random_states_0.pkl").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint .* is complete .*random_states_0.pkl is missing"):
+        run(tiny_sd_eps, tiny_data, out, steps=4, resume_from_checkpoint="latest")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-2.*incomplete: random_states_0.pkl is missing"):
+        run(tiny_sd_eps, tiny_data, out, steps=4, resume_from_checkpoint="checkpoint-2")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]    # refused before writing anything
+
+
+def test_latest_on_a_finished_run_leaves_it_untouched(tiny_sd_eps, tiny_data, tmp_path):
+    out = tmp_path / "finished"
+    run(tiny_sd_eps, tiny_data, out, steps=1)                # no checkpoint (checkpointing_steps 1000)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match="finished run"):
+        run(tiny_sd_eps, tiny_data, out, steps=2, resume_from_checkpoint="latest", seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_moves_the_old_run_aside_and_never_resumes_it(tiny_sd_eps, tiny_data, tmp_path, caplog):
+    out = tmp_path / "reused"
+    run(tiny_sd_eps, tiny_data, out, steps=2, checkpointing_steps=1, seed=0)
+    old_weights = lora_weights(out)
+    with caplog.at_level("WARNING"):
+        run(tiny_sd_eps, tiny_data, out, steps=2, checkpointing_steps=1, checkpoints_total_limit=1, seed=1,
+            stop_at_step=1, overwrite_output_dir="true")
+    (prev,) = tmp_path.glob("reused.prev-*")
+    assert f"moved the previous run in {out} to {prev}" in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(prev)] == ["checkpoint-1", "checkpoint-2"]
+    _assert_identical(lora_weights(prev), old_weights)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"] and not (out / ckpt.LORA_WEIGHT_NAME).exists()
+    run(tiny_sd_eps, tiny_data, out, steps=2, checkpointing_steps=1, checkpoints_total_limit=1, seed=1,
+        resume_from_checkpoint="latest")
+    straight = tmp_path / "seed1"
+    run(tiny_sd_eps, tiny_data, straight, steps=2, seed=1)
+    _assert_identical(lora_weights(straight), lora_weights(out))
+    assert "seed: 1" in (out / "config.yaml").read_text()

@@ -97,3 +97,32 @@ def test_valid_keys_cover_sections():
     keys = valid_keys()
     assert "guard.weight" in keys and "guard.wen.tau" in keys and "eval.heldout_fraction" in keys
     assert "pretrained_model_name_or_path" in keys and "resume_from_checkpoint" in keys
+
+
+def test_shipped_guard_configs_turn_the_monitor_on():
+    for name in ("sd15_lora_guard", "sd21_lora_guard", "sd15_full_guard"):
+        cfg = load_config(["--config", str(REPO / "configs" / f"{name}.yaml")])
+        assert cfg.guard.type == "penalty" and cfg.eval.enabled is True, name
+        assert cfg.eval.heldout_fraction > 0 and cfg.eval.preset == ("sd2" if "sd21" in name else "sd1")
+
+
+def test_eval_keys_while_the_monitor_is_off_are_named_in_a_warning(tmp_path, caplog):
+    y = tmp_path / "c.yaml"
+    y.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: data\nguard:\n  type: none\neval:\n  enabled: false\n  every_n_steps: 5\n  seeds: 3\n")
+    with caplog.at_level("WARNING", logger="memreg.training.config"):
+        load_config(["--config", str(y), "--eval.heldout_fraction", "0.1"])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1
+    assert "eval.every_n_steps, eval.heldout_fraction, eval.seeds" in warned[0] and "eval.enabled" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memreg.training.config"):
+        load_config(["--config", str(y), "--eval.enabled", "true"])              # monitor on: no warning
+        load_config(["--config", TINY, "--eval.enabled", "false"])               # only the switch: no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_agc_section():
+    cfg = load_config(["--config", TINY, "--guard.type", "agc", "--guard.agc.mem_ratio", "1.5", "--guard.agc.decay", "0.9"])
+    assert cfg.guard.type == "agc" and cfg.guard.agc.mem_ratio == 1.5 and cfg.guard.agc.decay == 0.9
+    with pytest.raises(ConfigError, match="guard.agc"):
+        load_config(["--config", TINY, "--guard.agc.decay", "1.0"])

@@ -149,3 +149,42 @@ def test_proportion_empty_prompts_blanks_that_fraction_deterministically(tmp_pat
     blank = sum(c == "" for c in caps) / len(caps)
     assert 0.4 < blank < 0.6
     assert all(plain[(i, 0)]["caption"] for i in range(8))
+
+
+def test_empty_metadata_is_a_named_error(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n=2)
+    (root / "metadata.jsonl").write_text("\n  \n")
+    with pytest.raises(D.DataError, match=r"metadata.jsonl has no records"):
+        D.build_train_data(_cfg(root), seed=0)
+
+
+def test_malformed_metadata_line_is_named_by_its_line_in_the_file(tmp_path):
+    root = make_imagefolder(tmp_path / "d", n=2)
+    good = (root / "metadata.jsonl").read_text().splitlines()
+    # line 1 ok, line 2 blank, line 3 broken: datasets would call it "row 2"
+    (root / "metadata.jsonl").write_text(good[0] + "\n\n" + '{"file_name": "img_1.png", "text": \n')
+    with pytest.raises(D.DataError, match=r"metadata.jsonl:3: not valid JSON"):
+        D.build_train_data(_cfg(root), seed=0)
+    (root / "metadata.jsonl").write_text(good[0] + "\n" + '["img_1.png"]\n')
+    with pytest.raises(D.DataError, match=r"metadata.jsonl:2: expected a JSON object, got list"):
+        D.build_train_data(_cfg(root), seed=0)
+    (root / "metadata.jsonl").write_text(good[0] + "\n" + '{"text": "x"}\n')
+    with pytest.raises(D.DataError, match=r"metadata.jsonl:2: record has no 'file_name'"):
+        D.build_train_data(_cfg(root), seed=0)
+
+
+def test_train_entry_reports_bad_metadata_in_one_line_with_exit_2(tmp_path, tiny_sd_eps):
+    import subprocess
+    import sys
+
+    from .conftest import REPO, base_argv
+
+    root = make_imagefolder(tmp_path / "d", n=2)
+    (root / "metadata.jsonl").write_text("")
+    proc = subprocess.run([sys.executable, str(REPO / "train" / "train.py"),
+                           *base_argv(tiny_sd_eps, root, tmp_path / "out", steps=1)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: DataError:") and "has no records" in lines[-1]
+    assert "Traceback" not in proc.stderr

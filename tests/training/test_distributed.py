@@ -14,24 +14,29 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import REPO, base_argv, lora_weights
+
+
+def _launch_two(port: int, argv: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 train/train.py ARGV`` on CPU (gloo)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(REPO / "train" / "train.py"), *argv]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.distributed
 def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
     out = tmp_path / "ddp"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(REPO / "train" / "train.py"),
-           *base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2,
-                      guard__type="penalty", guard__every_n_steps=2, guard__calibration_prompts=4,
-                      guard__calibration_seeds=1)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    proc = _launch_two(29517, base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2,
+                                        guard__type="penalty", guard__every_n_steps=2, guard__calibration_prompts=4,
+                                        guard__calibration_seeds=1))
     elapsed = time.time() - t0
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -44,3 +49,19 @@ def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
     assert (out / "checkpoint-2" / "guard_state_1.json").is_file()
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
     print(f"2-process run took {elapsed:.1f} s")
+
+
+@pytest.mark.distributed
+def test_two_process_agc_keeps_the_same_averages_on_every_process(tiny_sd_eps, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp_agc"
+    proc = _launch_two(29518, base_argv(tiny_sd_eps, tiny_data, out, steps=2, train_batch_size=2,
+                                        checkpointing_steps=2, guard__type="agc"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    states = [load_file(str(out / "checkpoint-2" / f"guard_state_{r}.safetensors")) for r in (0, 1)]
+    assert states[0].keys() == states[1].keys() and states[0]
+    for k in states[0]:
+        # 2 steps x 2 processes x 2 samples: every process applied all 8 (gathered) losses
+        assert torch.equal(states[0][k], states[1][k]), k
+        assert 1 <= int((states[0][k] > 0).sum()) <= 8

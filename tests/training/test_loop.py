@@ -32,7 +32,7 @@ def test_penalty_weight_zero_reproduces_the_plain_run(plain_run, tiny_sd_eps, ti
     out, _ = plain_run
     pen = dict(PENALTY_ON, guard__weight=0.0)
     res = run(tiny_sd_eps, tiny_data, tmp_path / "w0", steps=4, checkpointing_steps=2, **pen)
-    assert res.probe_forward == "measure"
+    assert res.guard.probe_forward == "measure"
     assert all("guard/penalty" in log for log in res.logs)  # probes really ran every step
     assert _max_abs_diff(lora_weights(out), lora_weights(tmp_path / "w0")) <= 1e-6
 
@@ -44,7 +44,7 @@ def test_fused_penalty_with_negligible_weight_stays_on_the_plain_trajectory(plai
     # near-zero gradient entries (~1e-5 here). A perturbed training RNG stream would differ by ~lr = 1e-3.
     pen = dict(PENALTY_ON, guard__weight=1e-30)
     res = run(tiny_sd_eps, tiny_data, tmp_path / "w_eps", steps=4, **pen)
-    assert res.probe_forward == "fused"
+    assert res.guard.probe_forward == "fused"
     assert _max_abs_diff(lora_weights(plain_run[0]), lora_weights(tmp_path / "w_eps")) <= 1e-4
 
 
@@ -67,7 +67,7 @@ def test_penalty_changes_the_weights(plain_run, penalty_run):
 def test_default_penalty_calibrates_tau_in_the_upper_tail(tiny_sd_eps, tiny_data, tmp_path):
     res = run(tiny_sd_eps, tiny_data, tmp_path / "auto", steps=2, guard__type="penalty",
               guard__every_n_steps=1, guard__calibration_prompts=8, guard__calibration_seeds=2)
-    cal = res.calibration
+    cal = res.guard.calibration
     assert cal.quantile == 0.95 and cal.num_values == 16
     assert cal.tau > cal.mu  # upper tail
     assert cal.frac_over <= 0.0625 + 1e-9  # at most 1 of 16 draws above the 0.95 quantile
@@ -127,7 +127,7 @@ def test_wen_filter_auto_tau_calibrates(tiny_sd_eps, tiny_data, tmp_path):
 
 
 def test_wen_masked_loss_drops_exactly_the_samples_at_or_over_tau():
-    from memreg.baselines import WenFilter
+    from memreg.guards.wen_filter import WenFilter
 
     wf = WenFilter(torch.linspace(0.99, 0.01, 1000), "epsilon", tau=1.0)
     norms = torch.tensor([0.5, 1.5, 1.0, 0.999])
@@ -139,7 +139,7 @@ def test_wen_masked_loss_drops_exactly_the_samples_at_or_over_tau():
 
 
 def test_wen_norms_convert_v_prediction_to_eps():
-    from memreg.baselines import WenFilter
+    from memreg.guards.wen_filter import WenFilter
 
     ab = torch.linspace(0.99, 0.01, 1000)
     wf = WenFilter(ab, "v_prediction", tau=1.0)
@@ -154,7 +154,7 @@ def test_wen_norms_convert_v_prediction_to_eps():
 
 
 def test_caption_noise_inserts_words_and_noises_embeddings(tiny_sd_eps, tiny_data, tmp_path):
-    from memreg.baselines import CaptionNoise
+    from memreg.guards.caption_noise import CaptionNoise
     from memreg.models import load_components
 
     tok = load_components(str(tiny_sd_eps), with_vae=False).tokenizer
@@ -289,7 +289,7 @@ def test_v_prediction_snr_accumulation_and_cached_latents_with_penalty(tiny_sd_v
     res = run(tiny_sd_v, tiny_data, tmp_path / "v", steps=2, train_batch_size=2, gradient_accumulation_steps=2,
               snr_gamma=5.0, noise_offset=0.05, cache_latents="true", guard__type="penalty",
               guard__every_n_steps=1, guard__calibration_prompts=4, guard__calibration_seeds=1, guard__term="norm")
-    assert res.global_step == 2 and res.calibration is not None
+    assert res.global_step == 2 and res.guard.calibration is not None
     assert all(math.isfinite(log["train/loss_mse"]) and "guard/penalty" in log for log in res.logs)
     assert lora_weights(tmp_path / "v")
 
@@ -307,3 +307,68 @@ def test_tensorboard_scalars_are_written(penalty_run):
                 "guard/frac_over_tau", "train/lr", "perf/step_time_s", "perf/samples_per_s", "perf/peak_mem_mb",
                 "guard/final_cond_ratio"):
         assert tag in tags, tag
+
+
+# ---------------------------------------------------------------------------- the guard API in a hand-written loop
+
+def _readme_guard_lines() -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Add the guard to your own training loop", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("guard", ["penalty", "agc"])
+def test_readme_guard_lines_in_a_hand_written_loop_match_the_trainer(guard, tiny_sd_eps, tiny_data, tmp_path,
+                                                                    monkeypatch):
+    """The README's lines, run verbatim around a plain UNet call, give the trainer's first-step loss on the
+    same batch (same latents, noise, timesteps; LoRA starts at zero, so the base UNet is the same model)."""
+    import torch.nn.functional as F
+
+    import memreg.training.loop as loop
+    from memreg.models import load_components
+
+    seen = {}
+    noised, micro = loop._noised, loop._micro_step
+
+    def spy_noised(cfg, latents, sched):
+        out = noised(cfg, latents, sched)
+        seen.setdefault("noised", out)
+        return out
+
+    def spy_micro(run_, batch):
+        out = micro(run_, batch)
+        seen.setdefault("loss", out.loss.detach().clone())
+        seen.setdefault("captions", list(batch["caption"]))
+        return out
+
+    monkeypatch.setattr(loop, "_noised", spy_noised)
+    monkeypatch.setattr(loop, "_micro_step", spy_micro)
+    res = run(tiny_sd_eps, tiny_data, tmp_path / "trainer", steps=1, guard__type=guard, guard__seed=0,
+              guard__calibration_prompts=64)
+    noise, timesteps, noisy_latents = seen["noised"]
+
+    c = load_components(str(tiny_sd_eps), with_vae=False)
+    unet, noise_scheduler, tokenizer, text_encoder = c.unet, c.scheduler, c.tokenizer, c.text_encoder
+    captions = list(res.guard.ctx.train_captions)
+    ids = tokenizer(seen["captions"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+    scope = dict(unet=unet, noise_scheduler=noise_scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
+                 captions=captions, global_step=0, noisy_latents=noisy_latents, timesteps=timesteps,
+                 encoder_hidden_states=encoder_hidden_states, target=noise, F=F)
+    lines = _readme_guard_lines().replace('{"type": "penalty"}', f'{{"type": "{guard}"}}')
+    assert len([ln for ln in lines.splitlines() if ln.strip() and not ln.startswith("#")]) <= 12
+    exec(compile(lines, "README.md", "exec"), scope)
+    assert scope["extra"] is None if guard == "agc" else scope["extra"] is not None
+    assert scope["loss"].item() == pytest.approx(seen["loss"].item(), rel=1e-5, abs=1e-7)
+
+
+def test_agc_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
+    kw = dict(guard__type="agc", guard__agc__decay=0.5, checkpointing_steps=2)
+    straight = run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **kw)
+    run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
+    resumed = run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
+    assert torch.equal(straight.guard.avg, resumed.guard.avg) and int((straight.guard.avg > 0).sum()) >= 8
+    assert _max_abs_diff(lora_weights(tmp_path / "straight"), lora_weights(tmp_path / "killed")) == 0.0
+    assert all(0.0 <= log["guard/agc_kept_frac"] <= 1.0 for log in straight.logs)

@@ -1,0 +1,184 @@
+"""``memreg generate``: generate images from a prompt file, mitigating memorized prompts first.
+
+Writes to ``--out`` (which must be new or empty): ``images/NNNNN.png`` (one per prompt and seed),
+``mitigation.jsonl`` (per image: prompt, seed, image, flagged, score before/after, steps,
+seconds), ``contact_sheet.png`` (the first ``SHEET_MAX`` images, labelled) and ``settings.json``.
+Bad input gets ``memreg detect``'s one-line errors and exit code 2. Library: ``memreg.mitigate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memreg.detect import DetectError, _read, _resolve_weights, _versions
+from memreg.mitigate import MODES, MitigationConfig, calibrate_tau, generate_mitigated
+from memreg.models import ModelError, check_model_path, load_components, parse_dtype
+from memreg.prompt_io import PromptFileError
+
+RECORDS_FILE, SHEET_FILE, SETTINGS_FILE, IMAGE_DIR = "mitigation.jsonl", "contact_sheet.png", "settings.json", "images"
+SHEET_MAX, SHEET_CELL = 64, 96
+
+
+class GenerateError(ValueError):
+    """Bad input to ``memreg generate`` (one line); the CLI exits with 2."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Generate one image per prompt and seed; with --mitigate score (default) or wen, prompts whose "
+                     "memorization criterion exceeds tau get their embedding adapted first.")
+    p.add_argument("--model", required=True, help="diffusers SD1.x/2.x pipeline dir or hub id")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'caption'")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--mitigate", choices=MODES, default="score", help="score (memreg), wen (Wen et al. ICLR'24) or none")
+    p.add_argument("--tau", type=float, default=None, help="threshold (score) or target loss (wen)")
+    p.add_argument("--calibrate", default=None,
+                   help="ordinary (non-memorized) prompts: tau = their --tau-quantile (instead of --tau)")
+    p.add_argument("--tau-quantile", type=float, default=0.95, help="quantile for --calibrate (default 0.95)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images (seeds) per prompt")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses SEED + i*N + j")
+    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--max-steps", type=int, default=10, help="optimisation step budget per prompt")
+    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate on the embedding")
+    p.add_argument("--draws", type=int, default=4, help="pure-noise draws per prompt and step (score)")
+    p.add_argument("--freeze-padding", action="store_true", help="move only the prompt's tokens and EOS, not padding")
+    p.add_argument("--preset", choices=["sd1", "sd2"], default=None, help="score weights (default: sd2 for v-prediction models, else sd1; or --g1/--g2)")
+    p.add_argument("--g1", type=float, default=None, help="weight of the norm term")
+    p.add_argument("--g2", type=float, default=None, help="weight of the alignment term")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 on cuda, else float32)")
+    p.add_argument("--revision", default=None, help="hub revision of --model")
+    p.add_argument("--variant", default=None, help="weight variant of --model (e.g. fp16)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        run_generate(args)
+    except (GenerateError, DetectError, PromptFileError, ModelError) as e:
+        print(f"memreg generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _validate(args) -> None:
+    for name in ("images_per_prompt", "steps", "batch_size", "draws"):
+        if getattr(args, name) < 1:
+            raise GenerateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps < 0 or not args.lr > 0:
+        raise GenerateError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
+    if not 0 <= args.tau_quantile <= 1:
+        raise GenerateError(f"--tau-quantile must be in [0, 1], got {args.tau_quantile}")
+    if args.mitigate == "none" and (args.tau is not None or args.calibrate is not None):
+        raise GenerateError("--mitigate none takes neither --tau nor --calibrate")
+    if args.mitigate != "none" and (args.tau is None) == (args.calibrate is None):
+        raise GenerateError(f"--mitigate {args.mitigate} needs exactly one of --tau or --calibrate FILE")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise GenerateError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise GenerateError(f"--out {str(out)!r} is not empty; choose a new directory (nothing is overwritten)")
+
+
+def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise GenerateError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {args.device}: CUDA is not available")
+    try:
+        return device, parse_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    except ModelError as e:
+        raise GenerateError(f"--dtype: {e}") from None
+
+
+def _load(args, device, dtype):
+    try:
+        return load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
+    except OSError as e:  # hub id not cached / offline, missing weight files, bad revision or variant
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--model {args.model!r}: cannot load ({first})") from None
+
+
+def run_generate(args: argparse.Namespace) -> dict:
+    """The whole ``memreg generate`` run; returns the settings dict. Raises GenerateError & co."""
+    _validate(args)
+    given = (args.preset, args.g1, args.g2) != (None, None, None)
+    preset, g1, g2 = _resolve_weights(args) if given else (None, None, None)  # None: the model's paper preset
+    prompts = _read(args.prompts, "--prompts").prompts
+    ordinary = _read(args.calibrate, "--calibrate").prompts if args.calibrate else None
+    out = Path(args.out)
+    _check_out(out)
+    check_model_path(args.model)
+    device, dtype = _device_dtype(args)
+    comps = _load(args, device, dtype)
+    from memreg.generation import build_pipeline
+
+    pipe = build_pipeline(comps)
+    config = MitigationConfig(mode=args.mitigate, tau=args.tau, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
+                              g1=g1, g2=g2, num_inference_steps=args.steps, move_padding=not args.freeze_padding)
+    if ordinary is not None:
+        config.tau = calibrate_tau(pipe, ordinary, config, quantile=args.tau_quantile, batch_size=args.batch_size)
+    n = args.images_per_prompt
+    rows = [(p, args.seed + i * n + j) for i, p in enumerate(prompts) for j in range(n)]
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(rows), unit="image", desc="memreg generate", file=sys.stderr, disable=args.no_progress) as bar:
+        res = generate_mitigated(comps, [r[0] for r in rows], [r[1] for r in rows], args.mitigate, config, pipe=pipe,
+                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size, progress=bar)
+    settings = {"command": "generate", "model": args.model, "prompts": args.prompts, "calibrate": args.calibrate,
+                "tau_quantile": args.tau_quantile if args.calibrate else None, "preset": preset,
+                "config": vars(config), "guidance_scale": args.guidance_scale, "images": len(rows),
+                "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "timing": {"total_s": time.perf_counter() - t0, "mitigation_s": res.mitigation_seconds,
+                           "generation_s": res.generation_seconds},
+                "versions": _versions()}
+    write_outputs(out, res, settings)
+    flagged = sum(r.flagged for r in res.records)
+    print(f"{len(rows)} images, {flagged} flagged and adapted ({args.mitigate}, tau={config.tau}); "
+          f"mitigation {res.mitigation_seconds:.1f}s, generation {res.generation_seconds:.1f}s; wrote {out}")
+    return settings
+
+
+def write_outputs(out: Path, res, settings: dict) -> None:
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    with (out / RECORDS_FILE).open("w", encoding="utf-8") as f:
+        for i, (im, rec) in enumerate(zip(res.images, res.records)):
+            name = f"{IMAGE_DIR}/{i:05d}.png"
+            im.save(out / name)
+            f.write(json.dumps({"image": name, **rec.to_dict()}, ensure_ascii=False) + "\n")
+    contact_sheet(res.images[:SHEET_MAX], res.records[:SHEET_MAX]).save(out / SHEET_FILE)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def contact_sheet(images, records, cell: int = SHEET_CELL, columns: int = 8):
+    """A PIL grid of the images, each labelled with its index and, if flagged (red), its criterion
+    before -> after and steps."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cols = max(1, min(columns, len(images)))
+    rows = max(1, -(-len(images) // cols))
+    pad, text_h = 4, 26
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (im, rec) in enumerate(zip(images, records)):
+        x, y = pad + (k % cols) * (cell + pad), pad + (k // cols) * (cell + text_h + pad)
+        resample = Image.Resampling.NEAREST if max(im.size) < cell else Image.Resampling.BICUBIC
+        sheet.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
+        draw.text((x, y + cell + 1), f"#{k} seed {rec.seed}", fill=(0, 0, 0), font=font)
+        if rec.flagged:
+            label = f"{rec.score_before:.2f}>{rec.score_after:.2f} {rec.steps}st"
+            draw.text((x, y + cell + 13), label, fill=(200, 0, 0), font=font)
+    return sheet
