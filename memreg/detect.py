@@ -189,6 +189,15 @@ def fit_weights(norm, align, labels, folds: int = 5, seed: int = 0, fprs=DEFAULT
 # Command line
 # --------------------------------------------------------------------------------------------
 
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: shared by ``memreg detect`` and ``memreg generate``."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 on cuda, else float32)")
+    p.add_argument("--revision", default=None, help="hub revision of --model")
+    p.add_argument("--variant", default=None, help="weight variant of --model (e.g. fp16)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Score memorized and non-memorized prompt lists with the anisotropy score "
                      "(norm + alignment) and Wen et al.'s norm; write scores.jsonl, report.json and "
@@ -215,11 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-weights", action="store_true",
                    help="also fit g1/g2 by cross-validated logistic regression on [norm, align]")
     p.add_argument("--cv-folds", type=int, default=5, help="folds for --fit-weights (capped by class counts)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 on cuda, else float32)")
-    p.add_argument("--revision", default=None, help="hub revision of --model")
-    p.add_argument("--variant", default=None, help="weight variant of --model (e.g. fp16)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_runtime_arguments(p)
     p.add_argument("--shard-size", type=int, default=None,
                    help="prompts per shard (a multiple of --batch-size): score in resumable parts under "
                         "--out/parts, split across `accelerate launch` processes (default there: 16 batches)")
@@ -307,8 +312,9 @@ def _versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def run_detect(args: argparse.Namespace) -> dict:
-    """The whole ``memreg detect`` run; returns the report dict. Raises DetectError & co on bad input."""
+def run_detect(args: argparse.Namespace) -> dict | None:
+    """The whole ``memreg detect`` run; returns the report dict (None on a sharded run's other
+    processes). Raises DetectError & co on bad input."""
     _validate_args(args)
     preset, g1, g2 = _resolve_weights(args)
     # Cheap checks first: prompt files, output dir, model dir -- all before loading any weights.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from memreg.detect import DetectError, _read, _resolve_weights, _versions
+from memreg.detect import DetectError, _read, _resolve_weights, _versions, add_runtime_arguments
 from memreg.mitigate import MODES, MitigationConfig, calibrate_tau, generate_mitigated
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
 from memreg.prompt_io import PromptFileError
@@ -52,11 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--g1", type=float, default=None, help="weight of the norm term")
     p.add_argument("--g2", type=float, default=None, help="weight of the alignment term")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 on cuda, else float32)")
-    p.add_argument("--revision", default=None, help="hub revision of --model")
-    p.add_argument("--variant", default=None, help="weight variant of --model (e.g. fp16)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_runtime_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

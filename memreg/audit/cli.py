@@ -85,10 +85,24 @@ def fingerprint(args, num_rows: int) -> dict:
             "batch_size": args.batch_size, "preset": args.preset, "dtype": args.dtype}
 
 
+def release_arrow_memory() -> None:
+    """Make Arrow allocate with the system ``malloc`` in this (CLI) process.
+
+    Arrow's default mimalloc pool keeps the pages freed after ``datasets`` converts parquet/images
+    to its Arrow cache: measured on the first audit of a 10k-row parquet, ~3 KB a row of anonymous
+    memory held for the rest of the run (none with the system pool), which made peak memory grow
+    with N although no row is held.
+    """
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def run_audit(args: argparse.Namespace) -> dict | None:
     """The whole run on this process; the main process returns the audit.json dict."""
     state = process_state()
     _validate(args)
+    release_arrow_memory()
     with state.main_process_first():  # the imagefolder/parquet Arrow cache is built once
         source = AuditSource(args.data, args.image_column, args.caption_column, args.split)
     out = Path(args.out)

@@ -26,6 +26,13 @@ Selectivity: ``tau="auto"`` calibrates tau once before training as the ``tau_qua
 base model, so ordinary captions sit below it and feel no gradient. ``cond_ratio`` (mean guidance
 norm of probes under tau / the same at calibration) is the scalar that shows ordinary conditioning
 survives; ``tau_ema`` > 0 lets tau track the q-quantile of the probes as training moves.
+
+Per-caption reference (``guard.reference``: base | population | base+population; ``none`` is the
+absolute tau above): the hinge acts on a caption's growth over its base-model value on the same
+probe noise and/or above a running robust threshold of all captions' recent probes, see
+:mod:`memreg.guards.reference`. ``term: auto`` means ``norm`` there. Every mode logs the firing
+rate of duplicated vs ordinary captions (``guard/fire_rate/<group>``) when the context knows the
+duplicated captions and the guard saw the batch captions (:meth:`PenaltyGuard.captions`).
 """
 
 from __future__ import annotations
@@ -231,7 +238,7 @@ class MemorizationPenalty:
                 raise RuntimeError("zscore='calib' needs calibrate() (or set_calibration) before training")
             scale = max(self.calibration.sigma, 1e-12)
         known = known.to(quantity.device)
-        over = ((quantity.detach() > threshold) & known).cpu()
+        over = (quantity.detach() > threshold) & known   # on the values' device (NCCL gathers it)
         if self.mode == "hinge":
             per = F.relu(quantity - threshold) if math.isfinite(threshold) else torch.zeros_like(quantity)
         else:
@@ -515,7 +522,8 @@ class PenaltyGuard(Guard):
                                batch_size=ctx.batch_size, terms=pen.terms, run_unet=ctx.run_unet)
             return pen.values_norms(so)[0]
 
-        cache.build(caps, score, ctx.process_index, ctx.num_processes, ctx.gather)
+        cache.build(caps, score, ctx.process_index, ctx.num_processes, ctx.gather,
+                    device=getattr(ctx.unet, "device", None))
         if ctx.is_main:
             logger.info("penalty reference: base values of %d training captions x %d fixed noise draws cached",
                         len(cache), cache.draws)
@@ -589,7 +597,8 @@ class PenaltyGuard(Guard):
         else:
             pout = self._relative(self._probe_output(batch), probe)
         self._probe = None
-        pout.duplicated = self.ctx.is_duplicated(probe.captions) if probe.captions is not None else None
+        if probe.captions is not None:
+            pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
         self._outs.append(pout)
         res.loss = loss + pout.weighted
         return res
@@ -628,8 +637,9 @@ class PenaltyGuard(Guard):
         out["train/loss"] = logs["train/loss_mse"] + out["guard/weighted_penalty"]
         self._steps_logged += 1
         if self.ctx.is_main and (self._steps_logged <= 1 or self._steps_logged % 50 == 0):
-            logger.info("probe step %d: tau=%.4f probes over tau %.0f%%, probe score mean %.4f, ordinary "
-                        "conditioning ratio %.3f", self._steps_logged, out["guard/tau"],
+            thr = out.get(tags.GUARD_THRESHOLD, out["guard/tau"])
+            logger.info("probe step %d: threshold=%.4f probes over it %.0f%%, probe score mean %.4f, ordinary "
+                        "conditioning ratio %.3f", self._steps_logged, thr,
                         100 * out["guard/frac_over_tau"], out["guard/probe_score_mean"], ratio)
         return out
 

@@ -90,16 +90,16 @@ class BaseReferenceCache:
         self._row = {c: i for i, c in enumerate(self.captions)}
 
     def build(self, captions: list[str], score: Callable[[list[str]], Tensor], process_index: int = 0,
-              num_processes: int = 1, gather: Callable[[Tensor], Tensor] | None = None) -> None:
+              num_processes: int = 1, gather: Callable[[Tensor], Tensor] | None = None, device=None) -> None:
         """``score(captions) -> (draws, n)`` base values; each process scores every P-th caption
-        (the list padded to a multiple of P) and ``gather`` puts the shards together."""
+        (the list padded to a multiple of P) and ``gather`` puts the shards together (on ``device``)."""
         n, p = len(captions), max(int(num_processes), 1)
         padded = captions + [captions[-1]] * ((-n) % p) if n else []
         mine = padded[process_index::p]
         vals = score(mine).T.contiguous() if mine else torch.zeros(0, self.draws)   # (m, draws)
         if p > 1:
             m = len(padded) // p
-            vals = gather(vals.reshape(-1).float()).cpu().reshape(p, m, self.draws).transpose(0, 1)
+            vals = gather(vals.reshape(-1).float().to(device or "cpu")).cpu().reshape(p, m, self.draws).transpose(0, 1)
         self.set(captions, vals.reshape(-1, self.draws)[:n])
 
     def lookup(self, captions: Sequence[str], draw: Tensor) -> tuple[Tensor, Tensor]:

@@ -95,7 +95,8 @@ def test_checkpoint_holds_a_loadable_lora_file_and_no_pickled_model(plain_run):
 # ---------------------------------------------------------------------------- helpers
 
 def test_guard_state_roundtrip(tmp_path):
-    from memreg.baselines import CaptionNoise, WenFilter
+    from memreg.guards.caption_noise import CaptionNoise
+    from memreg.guards.wen_filter import WenFilter
 
     cn = CaptionNoise(lambda i: f"w{i}", 1000, word_prob=1.0, seed=3)
     cn.captions(["a b c"])
