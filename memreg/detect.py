@@ -312,6 +312,22 @@ def _versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
+def _device_and_dtype(args, state) -> tuple[torch.device, torch.dtype]:
+    """``--device`` (default: the process's accelerate device, else cuda if available) and ``--dtype``."""
+    try:
+        default = str(state.device) if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(args.device or default)
+    except RuntimeError as e:
+        raise DetectError(f"--device {args.device!r}: {e}") from None
+    try:
+        dtype = parse_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    except ModelError as e:
+        raise DetectError(f"--dtype: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DetectError(f"--device {args.device}: CUDA is not available")
+    return device, dtype
+
+
 def run_detect(args: argparse.Namespace) -> dict | None:
     """The whole ``memreg detect`` run; returns the report dict (None on a sharded run's other
     processes). Raises DetectError & co on bad input."""
@@ -328,17 +344,7 @@ def run_detect(args: argparse.Namespace) -> dict | None:
     else:
         action = plan_out(out, fp, args.overwrite, OUTPUT_FILES, "a detect run")
     check_model_path(args.model, ("unet", "text_encoder", "tokenizer", "scheduler"))
-    try:
-        default = str(state.device) if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(args.device or default)
-    except RuntimeError as e:
-        raise DetectError(f"--device {args.device!r}: {e}") from None
-    try:
-        dtype = parse_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    except ModelError as e:
-        raise DetectError(f"--dtype: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DetectError(f"--device {args.device}: CUDA is not available")
+    device, dtype = _device_and_dtype(args, state)
 
     _check_timesteps(args)
     from memreg.encoding import PromptEncoder
@@ -387,61 +393,12 @@ def run_detect(args: argparse.Namespace) -> dict | None:
     fitted = None
     if args.fit_weights:
         fitted = fit_weights(res.norm, res.align, labels, folds=args.cv_folds)
-    n_mem = len(mem.prompts)
-    trunc_mem = sum(res.truncated[:n_mem])
-    trunc_nonmem = sum(res.truncated[n_mem:])
-    report = {
-        "command": "detect",
-        "model": args.model,
-        "revision": args.revision,
-        "variant": args.variant,
-        "prediction_type": scorer.prediction_type,
-        "settings": {
-            "t_hi": scorer.t_hi, "t_lo": scorer.t_lo, "g1": scorer.g1, "g2": scorer.g2, "preset": preset,
-            "seeds": seeds, "noise": args.noise, "batch_size": args.batch_size, "space": args.space,
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "wen_steps": args.wen_steps,
-            "wen_reused_norm": res.wen_reused_norm, "uncond_shared": args.noise == "shared",
-            "fit_weights": bool(args.fit_weights), "cv_folds": args.cv_folds if args.fit_weights else None,
-        },
-        "data": {
-            "mem": {"path": mem.path, "label": MEM_LABEL, "prompts": n_mem,
-                    "blank_lines_skipped": mem.blank_lines, "truncated": int(trunc_mem)},
-            "nonmem": {"path": nonmem.path, "label": NONMEM_LABEL, "prompts": len(nonmem.prompts),
-                       "blank_lines_skipped": nonmem.blank_lines, "truncated": int(trunc_nonmem)},
-            "blank_lines_skipped": mem.blank_lines + nonmem.blank_lines,
-            "truncated_prompts": int(trunc_mem + trunc_nonmem),
-            "max_tokens": encoder.max_length,
-        },
-        "metrics": metrics,
-        "metric_conventions": {
-            "tpr_at_fpr": "largest TPR over ROC points with FPR <= x",
-            "tpr_at_fpr_closest": "TPR of the ROC point with FPR closest to x (paper's released code)",
-        },
-        "fit_weights": None if fitted is None else {k: v for k, v in fitted.items() if not k.startswith("_")},
-        "timing": {"load_s": load_s, "score_s": res.seconds,
-                   "prompts_per_s": len(prompts) * len(seeds) / res.seconds if res.seconds > 0 else None,
-                   "prompts_per_s_note": "prompt-seed evaluations per second of the scoring loop "
-                                         "(encoding, score and Wen baseline; model loading excluded)"},
-        "versions": _versions(),
-    }
+    report = _report(args, mem, nonmem, res, scorer, encoder, metrics, fitted, preset, seeds, dtype, device, load_s)
     if state is not None:
         report["settings"]["shard_size"] = _shard_size(args)
         report["timing"]["processes"] = state.num_processes
 
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            row = {"prompt": p, "label": int(labels[i]), "norm": float(res.norm[i]),
-                   "align": float(res.align[i]), "score": float(res.score[i]),
-                   "wen": float(res.wen[i]), "truncated": bool(res.truncated[i])}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    curves = {t: res.term(t) for t in TERMS}
-    if fitted is not None and "_oof_decision" in fitted:
-        curves["fitted (out-of-fold)"] = fitted["_oof_decision"]
-    plot_roc(out / "roc.png", labels, curves, title=f"memreg detect: {args.model}")
-    print(format_table(report))
-    print(f"wrote {out / 'scores.jsonl'}, {out / 'report.json'}, {out / 'roc.png'}")
+    _write_outputs(out, prompts, labels, res, fitted, report, args.model)
     return report
 
 
@@ -568,3 +525,63 @@ def format_table(report: dict) -> str:
                  f"space={s['space']}, {report['prediction_type']}; {pps} prompts/s; "
                  f"blank lines skipped {d['blank_lines_skipped']}, truncated {d['truncated_prompts']}")
     return "\n".join(lines)
+
+
+def _report(args, mem, nonmem, res, scorer, encoder, metrics, fitted, preset, seeds, dtype, device,
+            load_s: float) -> dict:
+    """``report.json``: settings, data counts, metrics, fitted weights, timing and versions."""
+    n_mem = len(mem.prompts)
+    trunc_mem = sum(res.truncated[:n_mem])
+    trunc_nonmem = sum(res.truncated[n_mem:])
+    return {
+        "command": "detect",
+        "model": args.model,
+        "revision": args.revision,
+        "variant": args.variant,
+        "prediction_type": scorer.prediction_type,
+        "settings": {
+            "t_hi": scorer.t_hi, "t_lo": scorer.t_lo, "g1": scorer.g1, "g2": scorer.g2, "preset": preset,
+            "seeds": seeds, "noise": args.noise, "batch_size": args.batch_size, "space": args.space,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "wen_steps": args.wen_steps,
+            "wen_reused_norm": res.wen_reused_norm, "uncond_shared": args.noise == "shared",
+            "fit_weights": bool(args.fit_weights), "cv_folds": args.cv_folds if args.fit_weights else None,
+        },
+        "data": {
+            "mem": {"path": mem.path, "label": MEM_LABEL, "prompts": n_mem,
+                    "blank_lines_skipped": mem.blank_lines, "truncated": int(trunc_mem)},
+            "nonmem": {"path": nonmem.path, "label": NONMEM_LABEL, "prompts": len(nonmem.prompts),
+                       "blank_lines_skipped": nonmem.blank_lines, "truncated": int(trunc_nonmem)},
+            "blank_lines_skipped": mem.blank_lines + nonmem.blank_lines,
+            "truncated_prompts": int(trunc_mem + trunc_nonmem),
+            "max_tokens": encoder.max_length,
+        },
+        "metrics": metrics,
+        "metric_conventions": {
+            "tpr_at_fpr": "largest TPR over ROC points with FPR <= x",
+            "tpr_at_fpr_closest": "TPR of the ROC point with FPR closest to x (paper's released code)",
+        },
+        "fit_weights": None if fitted is None else {k: v for k, v in fitted.items() if not k.startswith("_")},
+        "timing": {"load_s": load_s, "score_s": res.seconds,
+                   "prompts_per_s": len(res.norm) * len(seeds) / res.seconds if res.seconds > 0 else None,
+                   "prompts_per_s_note": "prompt-seed evaluations per second of the scoring loop "
+                                         "(encoding, score and Wen baseline; model loading excluded)"},
+        "versions": _versions(),
+    }
+
+
+def _write_outputs(out: Path, prompts: list[str], labels, res, fitted, report: dict, model: str) -> None:
+    """``scores.jsonl``, ``report.json`` and ``roc.png``; prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            row = {"prompt": p, "label": int(labels[i]), "norm": float(res.norm[i]),
+                   "align": float(res.align[i]), "score": float(res.score[i]),
+                   "wen": float(res.wen[i]), "truncated": bool(res.truncated[i])}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    curves = {t: res.term(t) for t in TERMS}
+    if fitted is not None and "_oof_decision" in fitted:
+        curves["fitted (out-of-fold)"] = fitted["_oof_decision"]
+    plot_roc(out / "roc.png", labels, curves, title=f"memreg detect: {model}")
+    print(format_table(report))
+    print(f"wrote {out / 'scores.jsonl'}, {out / 'report.json'}, {out / 'roc.png'}")
