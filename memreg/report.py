@@ -387,6 +387,19 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
     section("Step time (step_time)", "step_time.png", [("step_time", [(first_tag("step_time"), "-", "")])],
             "seconds")
 
+    parts += _latest_media_html(runs, run_headers, assets, written)
+    parts.append("</body></html>")
+    out.write_text("\n".join(parts), encoding="utf-8")
+    (assets / MARKER).write_text("\n".join(p.name for p in written) + "\n")
+    return written
+
+
+
+def _latest_media_html(runs: list[RunData], run_headers: str, assets: Path, written: list[Path]) -> list[str]:
+    """The "Latest images" table (one column per run; PNGs written to ``assets`` and added to
+    ``written``) and the latest text of every run."""
+    e = html.escape
+    parts: list[str] = []
     image_tags = sorted({t for r in runs for t in r.images})
     parts.append("<h2>Latest images</h2>")
     if image_tags:
@@ -416,11 +429,7 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
                 if tag in r.texts:
                     step, _, text = r.texts[tag]
                     parts.append(f"<p><b>{e(r.name)}</b> (step {step})</p><pre>{e(text)}</pre>")
-    parts.append("</body></html>")
-    out.write_text("\n".join(parts), encoding="utf-8")
-    (assets / MARKER).write_text("\n".join(p.name for p in written) + "\n")
-    return written
-
+    return parts
 
 def _write_png(data: bytes, path: Path) -> None:
     """Save an encoded TensorBoard image as PNG (re-encoded if it is another format)."""
