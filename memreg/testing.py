@@ -179,3 +179,30 @@ def build_tiny_sd(
         (out_dir / "tokenizer" / name).write_text((Path(tok_dir.name) / name).read_text())
     tok_dir.cleanup()
     return out_dir
+
+
+def accelerate_launch(num_processes: int, argv: list[str], port: int, cwd, timeout: float = 480) -> str:
+    """Run ``accelerate launch [--multi_gpu] --num_processes N ARGV`` on CPU (gloo; one torch thread
+    per process, offline) in its own process group, so a timeout ends the workers too; returns the
+    combined log and raises ``RuntimeError`` with its tail on a timeout or a non-zero exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    multi = ["--multi_gpu"] if num_processes > 1 else []
+    cmd = [str(accelerate), "launch", *multi, "--num_processes", str(num_processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *argv]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(cwd))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError("accelerate launch timed out: " + proc.communicate()[0][-4000:]) from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited {proc.returncode}: " + log[-4000:])
+    return log

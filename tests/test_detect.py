@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -400,21 +399,10 @@ def test_two_processes_equal_one(detect_run, tmp_path):
     at 1 torch thread (module fixture), as each launched process does (OMP_NUM_THREADS=1)."""
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29543", "-m", "memreg.cli",
-           *_argv_with_out(detect_run, out, "--shard-size", str(SHARD))]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(repo))
-    # own process group: on a timeout the launcher's workers are ended too
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("accelerate launch timed out: " + proc.communicate()[0][-4000:])
-    assert proc.returncode == 0, log[-4000:]
+    from memreg.testing import accelerate_launch
+
+    log = accelerate_launch(2, ["-m", "memreg.cli", *_argv_with_out(detect_run, out, "--shard-size", str(SHARD))],
+                            29543, repo)
     assert "process 0/2: 2 shard(s) scored" in log and "process 1/2: 2 shard(s) scored" in log
     assert [h["rank"] for h in _part_headers(out)] == [0, 1, 0, 1]
     assert (out / "scores.jsonl").read_text() == (detect_run["out"] / "scores.jsonl").read_text()

@@ -7,10 +7,6 @@ As in tests/training/test_distributed.py, two processes on a machine without GPU
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def launch(n: int, data: Path, model: Path, out: Path, port: int) -> str:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    multi = ["--multi_gpu"] if n > 1 else []
-    cmd = [str(accelerate), "launch", *multi, "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "memreg.cli", "audit", "--data", str(data), "--model", str(model), "--out", str(out),
-           "--caption-column", "caption", "--shard-size", "3", "--calibration-images", "4"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
-    # own process group: on a timeout the launcher's workers are ended too (none left in a barrier)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail("accelerate launch timed out: " + log[-4000:])
-    assert proc.returncode == 0, log[-4000:]
-    return log
+    from memreg.testing import accelerate_launch
+
+    return accelerate_launch(n, ["-m", "memreg.cli", "audit", "--data", str(data), "--model", str(model),
+                                 "--out", str(out), "--caption-column", "caption", "--shard-size", "3",
+                                 "--calibration-images", "4"], port, REPO)
 
 
 def shard_rows(out: Path) -> list[str]:
