@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from memreg.detect import DetectError, _read, _resolve_weights, _versions, add_runtime_arguments
-from memreg.mitigate import MODES, MitigationConfig, calibrate_tau, generate_mitigated
+from memreg.mitigate import MODES, MitigationConfig, calibrate_thresholds, generate_mitigated
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
 from memreg.prompt_io import PromptFileError
 
@@ -36,10 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'caption'")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--mitigate", choices=MODES, default="score", help="score (memreg), wen (Wen et al. ICLR'24) or none")
-    p.add_argument("--tau", type=float, default=None, help="threshold (score) or target loss (wen)")
+    p.add_argument("--tau", type=float, default=None, help="threshold (score) or target loss (wen) that flags a prompt")
+    p.add_argument("--target", type=float, default=None,
+                   help="with --tau: score where a flagged prompt's descent stops (default: tau)")
     p.add_argument("--calibrate", default=None,
-                   help="ordinary (non-memorized) prompts: tau = their --tau-quantile (instead of --tau)")
-    p.add_argument("--tau-quantile", type=float, default=0.95, help="quantile for --calibrate (default 0.95)")
+                   help="ordinary (non-memorized) prompts: tau = their --tau-quantile, target = their "
+                        "--target-quantile (instead of --tau/--target)")
+    p.add_argument("--tau-quantile", type=float, default=0.98, help="quantile for tau with --calibrate (default 0.98)")
+    p.add_argument("--target-quantile", type=float, default=0.25,
+                   help="quantile for the stop target with --calibrate and --mitigate score (default 0.25; "
+                        "wen stops at its tau, as published)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images (seeds) per prompt")
     p.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses SEED + i*N + j")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
@@ -70,8 +76,11 @@ def _validate(args) -> None:
             raise GenerateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps < 0 or not args.lr > 0:
         raise GenerateError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
-    if not 0 <= args.tau_quantile <= 1:
-        raise GenerateError(f"--tau-quantile must be in [0, 1], got {args.tau_quantile}")
+    if not 0 <= args.target_quantile <= args.tau_quantile <= 1:
+        raise GenerateError(f"need 0 <= --target-quantile <= --tau-quantile <= 1, got {args.target_quantile} and "
+                            f"{args.tau_quantile}")
+    if args.target is not None and (args.tau is None or args.target > args.tau):
+        raise GenerateError(f"--target needs --tau and must be <= it, got --target {args.target} --tau {args.tau}")
     if args.mitigate == "none" and (args.tau is not None or args.calibrate is not None):
         raise GenerateError("--mitigate none takes neither --tau nor --calibrate")
     if args.mitigate != "none" and (args.tau is None) == (args.calibrate is None):
@@ -121,10 +130,12 @@ def run_generate(args: argparse.Namespace) -> dict:
     from memreg.generation import build_pipeline
 
     pipe = build_pipeline(comps)
-    config = MitigationConfig(mode=args.mitigate, tau=args.tau, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
+    config = MitigationConfig(mode=args.mitigate, tau=args.tau, target=args.target, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
                               g1=g1, g2=g2, num_inference_steps=args.steps, move_padding=not args.freeze_padding)
     if ordinary is not None:
-        config.tau = calibrate_tau(pipe, ordinary, config, quantile=args.tau_quantile, batch_size=args.batch_size)
+        qs = (args.tau_quantile, args.target_quantile) if args.mitigate == "score" else (args.tau_quantile,)
+        config.tau, config.target = (calibrate_thresholds(pipe, ordinary, config, qs, batch_size=args.batch_size)
+                                     + [None])[:2]
     n = args.images_per_prompt
     rows = [(p, args.seed + i * n + j) for i, p in enumerate(prompts) for j in range(n)]
     from tqdm.auto import tqdm
@@ -134,7 +145,9 @@ def run_generate(args: argparse.Namespace) -> dict:
         res = generate_mitigated(comps, [r[0] for r in rows], [r[1] for r in rows], args.mitigate, config, pipe=pipe,
                                  guidance_scale=args.guidance_scale, batch_size=args.batch_size, progress=bar)
     settings = {"command": "generate", "model": args.model, "prompts": args.prompts, "calibrate": args.calibrate,
-                "tau_quantile": args.tau_quantile if args.calibrate else None, "preset": preset,
+                "tau_quantile": args.tau_quantile if args.calibrate else None,
+                "target_quantile": args.target_quantile if args.calibrate and args.mitigate == "score" else None,
+                "preset": preset,
                 "config": vars(config), "guidance_scale": args.guidance_scale, "images": len(rows),
                 "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "timing": {"total_s": time.perf_counter() - t0, "mitigation_s": res.mitigation_seconds,
@@ -142,7 +155,7 @@ def run_generate(args: argparse.Namespace) -> dict:
                 "versions": _versions()}
     write_outputs(out, res, settings)
     flagged = sum(r.flagged for r in res.records)
-    print(f"{len(rows)} images, {flagged} flagged and adapted ({args.mitigate}, tau={config.tau}); "
+    print(f"{len(rows)} images, {flagged} flagged and adapted ({args.mitigate}, tau={config.tau}, target={config.target}); "
           f"mitigation {res.mitigation_seconds:.1f}s, generation {res.generation_seconds:.1f}s; wrote {out}")
     return settings
 

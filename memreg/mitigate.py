@@ -6,8 +6,10 @@ For each prompt (row of ``prompt_embeds`` c, with the empty prompt's embedding u
   anisotropy score ``g1·norm + g2·align`` (``memreg.score.AnisotropyScore``) on pure-noise latents
   x_T, averaged over ``draws`` draws. Step 0 scores the prompt; at or below τ the embedding is
   returned bit-identical. Otherwise AdamW descends the score w.r.t. the token embeddings on
-  *fresh* noise draws each step, and the prompt stops as soon as its score is at or below τ, or
-  after ``max_steps`` updates.
+  *fresh* noise draws each step, and the prompt stops as soon as its score is at or below the
+  stop threshold ``target`` (default τ), or after ``max_steps`` updates. A target under τ (e.g.
+  the median of ordinary prompts, ``calibrate_thresholds``) moves a flagged prompt into the
+  ordinary range instead of leaving it at the edge of the memorized one.
 * **wen** (Wen et al., ICLR'24, ``aug_prompt`` of github.com/YuxinWenRick/diffusion_memorization):
   the criterion is ``||eps(x_T, t_1, c) - eps(x_T, t_1, u)||_2`` at the first DDIM timestep t_1
   of the generation, on the *generation's own* starting noise x_T (the same every iteration);
@@ -50,7 +52,8 @@ CRITERIA = {"none": None, "wen": "wen_guidance_norm", "score": "anisotropy_score
 class MitigationConfig:
     """Settings of one mitigation mode (see module doc).
 
-    tau: threshold (score) or target loss (wen); ``calibrate_tau`` computes one.
+    tau: threshold (score) or target loss (wen) that flags a prompt; ``calibrate_tau`` computes one.
+    target: where a flagged prompt's descent stops (default ``tau``); must be <= tau.
     max_steps / lr / weight_decay: the AdamW descent (Wen et al.: 10 iterations, lr 0.05,
         torch's default weight decay 0.01); the same defaults serve ``score``.
     draws: pure-noise draws per prompt and step for the score. One draw is noisy: on a pilot of the
@@ -64,6 +67,7 @@ class MitigationConfig:
 
     mode: str = "score"
     tau: float | None = None
+    target: float | None = None
     max_steps: int = 10
     lr: float = 0.05
     weight_decay: float = 0.01
@@ -84,6 +88,8 @@ class MitigationConfig:
                              f"{self.draws}, {self.num_inference_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.target is not None and self.tau is not None and self.target > self.tau:
+            raise ValueError(f"target ({self.target}) must be <= tau ({self.tau}): a prompt stops below where it is flagged")
         if (self.g1 is None) != (self.g2 is None):
             raise ValueError("give both g1 and g2, or neither")
         return self
@@ -233,8 +239,10 @@ def _label(records: list[MitigationRecord], prompts, seeds) -> list[MitigationRe
 
 def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) -> tuple[Tensor, list[MitigationRecord]]:
     """The shared loop: step k evaluates the running prompts (one UNet call); a prompt at or below
-    tau, or at k == max_steps, stops with that value; the others take one AdamW step."""
+    tau at step 0 is not flagged and stops; a flagged one stops at or below target or at
+    k == max_steps; the others take one AdamW step."""
     b, tau = cond.shape[0], float(config.tau)
+    stop = tau if config.target is None else float(config.target)
     base = cond.detach().float()
     params = [base[i:i + 1].clone().requires_grad_(True) for i in range(b)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -246,7 +254,7 @@ def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) ->
             emb = torch.cat([torch.where(mask[i:i + 1, :, None], params[i], base[i:i + 1]) for i in active])
             values = objective(emb, active)
             vals = values.detach().float().cpu().tolist()
-            keep = [j for j, v in enumerate(vals) if v > tau and k < config.max_steps]
+            keep = [j for j, v in enumerate(vals) if v > (tau if k == 0 else stop) and k < config.max_steps]
             if keep:
                 grads = torch.autograd.grad(values[keep].sum(), [params[active[j]] for j in keep])
         for j, i in enumerate(active):
@@ -321,24 +329,33 @@ def mitigate_pipeline_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int]
     return PipelineMitigation(res.embeds, neg, res.records)
 
 
-def calibrate_tau(pipe, prompts: Sequence[str], config: MitigationConfig | None = None, quantile: float = 0.95,
-                  seeds: Sequence[int] | None = None, batch_size: int = 16, height: int | None = None,
-                  width: int | None = None) -> float:
-    """τ for ``config.mode``: the ``quantile`` of the criterion over ordinary (not memorized)
-    ``prompts``, each on the noise of its seed (default 0..N-1), exactly as mitigation's step 0
-    measures it, so about a (1 - quantile) share of such prompts gets flagged."""
+def calibrate_thresholds(pipe, prompts: Sequence[str], config: MitigationConfig | None = None,
+                         quantiles: Sequence[float] = (0.95,), seeds: Sequence[int] | None = None,
+                         batch_size: int = 16, height: int | None = None, width: int | None = None) -> list[float]:
+    """The ``quantiles`` of the criterion of ``config.mode`` over ordinary (not memorized) ``prompts``,
+    each on the noise of its seed (default 0..N-1), exactly as mitigation's step 0 measures it.
+    τ at quantile q flags about a (1 - q) share of such prompts; a lower quantile (e.g. the median)
+    is a stop ``target`` inside the ordinary range."""
     config = (config or MitigationConfig()).check()
-    if not 0 <= quantile <= 1:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    if not all(0 <= q <= 1 for q in quantiles):
+        raise ValueError(f"quantiles must be in [0, 1], got {list(quantiles)}")
     if not prompts:
-        raise ValueError("calibrate_tau needs at least one prompt")
+        raise ValueError("calibrating a threshold needs at least one ordinary prompt")
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     values = []
     for lo in range(0, len(prompts), batch_size):
         cond, neg = encode_prompts(pipe, prompts[lo:lo + batch_size])
         values.append(criterion_values(pipe.unet, pipe.scheduler, cond, neg[:1], seeds[lo:lo + batch_size], config,
                                        _latent_size(pipe, height, width)))
-    return float(torch.quantile(torch.cat(values).double(), quantile))
+    values = torch.cat(values).double()
+    return [float(torch.quantile(values, q)) for q in quantiles]
+
+
+def calibrate_tau(pipe, prompts: Sequence[str], config: MitigationConfig | None = None, quantile: float = 0.95,
+                  **kwargs) -> float:
+    """τ for ``config.mode``: the ``quantile`` of the criterion over ordinary ``prompts``
+    (``calibrate_thresholds``; same keyword arguments)."""
+    return calibrate_thresholds(pipe, prompts, config, (quantile,), **kwargs)[0]
 
 
 @dataclass

@@ -34,8 +34,8 @@ def _run(argv):
 def score_run(tmp_path_factory, tiny_sd_eps, files):
     out = tmp_path_factory.mktemp("gen") / "out"
     rc, stdout = _run(["generate", "--model", str(tiny_sd_eps), "--prompts", str(files / "p.txt"), "--out", str(out),
-                       "--calibrate", str(files / "ordinary.jsonl"), "--tau-quantile", "0.0",
-                       "--images-per-prompt", "2", "--steps", "3", "--max-steps", "2", "--batch-size", "4", "--draws", "2",
+                       "--calibrate", str(files / "ordinary.jsonl"), "--tau-quantile", "0.5",
+                       "--target-quantile", "0.0", "--images-per-prompt", "2", "--steps", "3", "--max-steps", "2", "--batch-size", "4", "--draws", "2",
                        "--no-progress"])
     return rc, stdout, out
 
@@ -46,13 +46,15 @@ def test_generate_happy_path(score_run):
     rows = [json.loads(x) for x in (out / "mitigation.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in rows] == [(p, 2 * i + j) for i, p in enumerate(PROMPTS) for j in range(2)]
     settings = json.loads((out / "settings.json").read_text())
-    tau = settings["config"]["tau"]
+    tau, target = settings["config"]["tau"], settings["config"]["target"]
+    assert target <= tau and settings["tau_quantile"] == 0.5 and settings["target_quantile"] == 0.0
     for r in rows:
         assert set(r) >= {"flagged", "score_before", "score_after", "steps", "seconds", "image"}
         assert r["flagged"] == (r["score_before"] > tau) and r["tau"] == tau and 0 <= r["steps"] <= 2
         assert r["steps"] == 0 or r["flagged"]
+        assert not r["flagged"] or r["score_after"] <= target or r["steps"] == 2  # stopped at the target or the budget
         assert Image.open(out / r["image"]).size == (32, 32)
-    assert any(r["flagged"] for r in rows)  # tau = the smallest ordinary score
+    assert any(r["flagged"] for r in rows)  # tau = the median ordinary score
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 6 * 96 and sheet.mode == "RGB"
 
@@ -85,7 +87,9 @@ def test_generate_none_and_wen(tmp_path, tiny_sd_eps, files):
     (["--tau", "1", "--calibrate", "x.txt"], "needs exactly one of --tau or --calibrate"),
     (["--mitigate", "none", "--tau", "1"], "--mitigate none takes neither"),
     (["--tau", "1", "--images-per-prompt", "0"], "--images-per-prompt must be >= 1"),
-    (["--tau", "1", "--tau-quantile", "2"], "--tau-quantile must be in [0, 1]"),
+    (["--tau", "1", "--tau-quantile", "2"], "need 0 <= --target-quantile <= --tau-quantile <= 1"),
+    (["--tau", "1", "--target-quantile", "0.99"], "need 0 <= --target-quantile <= --tau-quantile"),
+    (["--tau", "1", "--target", "2"], "--target needs --tau and must be <= it"),
     (["--tau", "1", "--preset", "sd1", "--g1", "2"], "exclusive"),
     (["--tau", "1", "--dtype", "float8"], "unknown dtype"),
 ])

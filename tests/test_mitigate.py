@@ -83,6 +83,24 @@ def test_planted_memorized_prompt_score_falls_under_tau(planted):
     assert after_mem.item() < 0.75 * before_mem.item()
 
 
+def test_target_below_tau_descends_further_and_only_flagged_rows_move(planted):
+    unet, sched, c_mem, uncond, c_ord = planted
+    cond = torch.cat([c_mem, c_ord[:1]])
+    first = mitigate_prompt_embeds(unet, sched, cond, uncond, [0, 1], MitigationConfig(tau=1e9))
+    ordinary, memorized = first.records[1].score_before, first.records[0].score_before
+    tau = ordinary + 1e-3  # the ordinary row sits just under tau, above the target: it must not move
+    at_tau = mitigate_prompt_embeds(unet, sched, cond, uncond, [0, 1], MitigationConfig(tau=tau, max_steps=40))
+    target = min(ordinary, at_tau.records[0].score_after) - 0.3  # below where stopping at tau left it
+    deeper = mitigate_prompt_embeds(unet, sched, cond, uncond, [0, 1],
+                                    MitigationConfig(tau=tau, target=target, max_steps=40))
+    assert memorized > tau
+    assert torch.equal(deeper.embeds[1], cond[1]) and not deeper.records[1].flagged and deeper.records[1].steps == 0
+    assert at_tau.records[0].score_after <= tau and deeper.records[0].score_after <= target
+    assert deeper.records[0].steps > at_tau.records[0].steps
+    with pytest.raises(ValueError, match="must be <= tau"):
+        MitigationConfig(tau=1.0, target=1.5).check()
+
+
 def test_step_budget_and_one_unet_call_per_step(planted):
     unet, sched, c_mem, uncond, c_ord = planted
     cond = torch.cat([c_mem, c_ord[:2]])

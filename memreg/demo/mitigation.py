@@ -6,6 +6,12 @@ For each mode (``none``, ``wen``, ``score``) the model generates for every dupli
 held-out caption is used to set it). Reported per mode: copy rate of duplicated captions (Wilson
 interval), fraction of duplicated / held-out captions flagged, held-out adherence, and the time per
 prompt (mitigation + generation) relative to an unmitigated generation.
+
+``score`` flags at the ``flag_quantile`` and descends to the ``target_quantile`` of the same
+calibration scores. Measured on the saved ``none`` fine-tunes of two data seeds (64 duplicated
+generations, 64 held-out captions): stopping at τ itself (0.95) left copy rates 0.36 (seed 0) and
+0.31 (seed 1) of 0.58 / 0.69; a target at the median 0.06 / 0.17; at the 25th percentile 0.06 /
+0.09. Flagging at 0.95 flagged 7.8% of seed 1's held-out captions, at 0.98 3.1%.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ MODES = ("none", "wen", "score")
 class MitigationEvalSettings:
     images_per_caption: int = 8        # generations per duplicated caption, per mode
     heldout_captions: int = 64
-    calibration_captions: int = 128    # training scene captions that set tau
-    quantile: float = 0.95
+    calibration_captions: int = 128    # training scene captions that set tau and the target
+    flag_quantile: float = 0.98        # tau: a prompt above it is adapted
+    target_quantile: float = 0.25      # score's descent stops at or below this (wen keeps its own rule)
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
@@ -35,7 +42,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
                         ordinary_captions: list[str], s: MitigationEvalSettings) -> dict:
     """Per-mode numbers (see module doc) for the model ``unet``."""
     from memreg.generation import build_pipeline
-    from memreg.mitigate import MitigationConfig, calibrate_tau, generate_mitigated
+    from memreg.mitigate import MitigationConfig, calibrate_thresholds, generate_mitigated
 
     pipe = build_pipeline(components, unet)
     m = s.images_per_caption
@@ -49,8 +56,10 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
     for mode in MODES:
         cfg = MitigationConfig(mode=mode, num_inference_steps=s.num_inference_steps)
         if mode != "none":
-            cfg.tau = calibrate_tau(pipe, calib, cfg, quantile=s.quantile,
-                                    seeds=[s.seed + 90_000 + i for i in range(len(calib))])
+            qs = (s.flag_quantile, s.target_quantile) if mode == "score" else (s.flag_quantile,)
+            cfg.tau, cfg.target = (calibrate_thresholds(pipe, calib, cfg, qs, seeds=[s.seed + 90_000 + i
+                                                                                     for i in range(len(calib))])
+                                   + [None])[:2]
         gen = generate_mitigated(components, prompts, seeds, mode, cfg, pipe=pipe, guidance_scale=s.guidance_scale,
                                  batch_size=32)
         dup_imgs, held_imgs = gen.images[:len(dup_prompts)], gen.images[len(dup_prompts):]
@@ -59,6 +68,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
         flags = np.array([r.flagged for r in gen.records], dtype=bool)
         out[mode] = {
             "tau": cfg.tau,
+            "target": cfg.target,
             "copy_exact": rate(own > detector.threshold),
             "dup_flagged": float(flags[:len(dup_prompts)].mean()),
             "heldout_flagged": float(flags[len(dup_prompts):].mean()),

@@ -25,12 +25,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
 from memreg.demo.evaluate import FinalEvalSettings
 from memreg.demo.mitigation import MitigationEvalSettings, format_mitigation, mitigation_targets
 from memreg.guards import GUARDS
+from memreg.training.config import load_yaml
 
 logger = logging.getLogger("memreg.demo")
 SECTIONS = {"cache_dir", "data", "base", "finetune", "runs", "final", "mitigation"}
@@ -42,7 +42,7 @@ def _key(*parts) -> str:
 
 def load_settings(path: str | Path, quick: bool = False) -> dict:
     """The demo YAML; ``quick`` merges its ``quick:`` section (toy sizes for smoke tests)."""
-    settings = yaml.safe_load(Path(path).read_text())
+    settings = load_yaml(Path(path).read_text())
     quick_over = settings.pop("quick", {}) or {}
     if quick:
         for section, values in quick_over.items():

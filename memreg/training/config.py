@@ -50,6 +50,24 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that raises ``yaml.YAMLError`` on a duplicated key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 @dataclass
 class GuardConfig(PenaltyConfig):
     """``guard.type`` selects the memorization guard (:mod:`memreg.guards`); the top-level keys
@@ -350,7 +368,7 @@ def load_config(argv: list[str] | None = None, config_path: str | None = None,
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

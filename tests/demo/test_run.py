@@ -109,3 +109,10 @@ def test_unknown_section_is_named(tmp_path):
     bad.write_text("data: {}\nguardz: {}\n")
     with pytest.raises(ValueError, match="guardz"):
         load_settings(bad)
+
+
+def test_a_section_given_twice_is_named(tmp_path):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("data: {seed: 0}\nmitigation: {images_per_caption: 8}\nmitigation: {images_per_caption: 4}\n")
+    with pytest.raises(Exception, match="duplicate key 'mitigation'"):
+        load_settings(bad)

@@ -51,6 +51,13 @@ def test_unknown_yaml_key_names_file_and_closest_key(tmp_path):
         load_config(["--config", str(p)])
 
 
+def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_one(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\nlearning_rate: 1e-4\nlearning_rate: 1e-2\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml.*duplicate key 'learning_rate'"):
+        load_config(["--config", str(p)])
+
+
 def test_resolution_must_be_a_multiple_of_8():
     with pytest.raises(ConfigError, match="resolution=36"):
         load_config(["--config", TINY, "--resolution", "36"])
