@@ -313,14 +313,19 @@ def figure_html(src: str, heading: str, legend: Legend) -> str:
             + (f"<br>{styles}" if styles else "") + "</figcaption></figure>")
 
 
-def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -> list[Path]:
-    """Write ``out`` and its PNGs into ``<out stem>_files/``; returns the PNG paths written."""
+def build_report(runs: list[RunData], out: Path, title: str = "memreg report",
+                 extra_figures: list[tuple[Path, str, str]] | None = None) -> list[Path]:
+    """Write ``out`` and its PNGs into ``<out stem>_files/``; returns the PNG paths written.
+
+    ``extra_figures``: ``(png_path, heading, caption)`` made elsewhere (the demo's trade-off plot),
+    copied into the assets folder and shown first, after the title."""
     assets = out.parent / f"{out.stem}_files"
     assets.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
+    parts += _extra_figures_html(extra_figures or [], assets, written)
     if any(not r.name for r in runs) or len({r.name for r in runs}) < len(runs):
         _name_runs(runs)  # callers that build RunData themselves (the demo) get names too
     colors = [_hex(c) for c in _colors(len(runs))]
@@ -393,6 +398,24 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report") -
     (assets / MARKER).write_text("\n".join(p.name for p in written) + "\n")
     return written
 
+
+
+def _extra_figures_html(figures: list[tuple[Path, str, str]], assets: Path, written: list[Path]) -> list[str]:
+    """Each ``(png_path, heading, caption)`` copied to ``assets`` (added to ``written``) as a figure."""
+    import shutil
+
+    e = html.escape
+    for png, _, _ in figures:
+        if not Path(png).is_file():
+            raise ReportError(f"extra figure {str(png)!r} is not a file")
+    parts: list[str] = []
+    for k, (png, heading, caption) in enumerate(figures):
+        fname = f"extra{k}_{_slug(Path(png).name)}"
+        shutil.copyfile(png, assets / fname)
+        written.append(assets / fname)
+        parts.append(f"<h2>{e(heading)}</h2><figure><img src='{e(assets.name)}/{e(fname)}' "
+                     f"alt='{e(f'{heading}. {caption}', quote=True)}'><figcaption>{e(caption)}</figcaption></figure>")
+    return parts
 
 
 def _latest_media_html(runs: list[RunData], run_headers: str, assets: Path, written: list[Path]) -> list[str]:

@@ -218,3 +218,14 @@ def test_state_dict_roundtrip_restores_generator_and_tau(scorer_setup):
     pa = a.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
     pb = b.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
     assert torch.equal(pa.latents, pb.latents) and torch.equal(pa.index, pb.index)
+
+
+def test_auto_probe_checkpointing_only_when_probes_would_grow_memory_past_the_share():
+    from memreg.guards.penalty import PROBE_MEMORY_SHARE, auto_probe_checkpointing
+
+    assert PROBE_MEMORY_SHARE == 0.2
+    assert not auto_probe_checkpointing(2, 32, False)    # 2 / 32 = 6% more activations: no recompute
+    assert not auto_probe_checkpointing(6, 32, False)    # 18.75%
+    assert auto_probe_checkpointing(8, 32, False)        # 25%: recompute on probe steps
+    assert auto_probe_checkpointing(2, 1, False)         # SD LoRA at batch 1: probes triple the activations
+    assert not auto_probe_checkpointing(8, 1, True)      # the run checkpoints anyway

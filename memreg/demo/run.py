@@ -159,6 +159,19 @@ def finetune(settings: dict, name: str, base: Path, data_root: Path, run_dir: Pa
     return result, time.perf_counter() - t0
 
 
+def _heldout_norm(run: dict) -> float:
+    """Mean guidance norm of held-out captions at the monitor's last eval (nan without one)."""
+    g = run["detection"].get("groups_end", {}).get("heldout")
+    return g["norm"]["mean"] if g else float("nan")
+
+
+def _penalty_weight(over: dict) -> float | None:
+    """The penalty weight of a run (its override or the guard's default); None for other guards."""
+    from memreg.guards.penalty import PenaltyConfig
+
+    return float(over.get("guard.weight", PenaltyConfig.weight)) if over["guard.type"] == "penalty" else None
+
+
 def _mean_step_time(result) -> float:
     """Mean optimizer-step time after the first step: a mean, not a median, so the penalty's
     probe steps (every n-th step) count in full."""
@@ -275,12 +288,12 @@ def _fmt_rate(r: dict) -> str:
 
 def format_table(results: dict) -> str:
     head = ["run", "mode", "copy exact [95% CI]", "copy paraphrased [95% CI]", "held-out copy", "held-out loss",
-            "adherence", "step time x", "train s"]
+            "adherence", "cond ratio", "step time x", "train s"]
     rows = []
     for name, r in results["runs"].items():
         rows.append([name, r["mode"], _fmt_rate(r["copy_exact"]), _fmt_rate(r["copy_paraphrase"]),
                      f"{r['heldout_copy']['rate']:.2f}", f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}",
-                     f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}"])
+                     f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}"])
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     out = [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
@@ -339,6 +352,7 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     """
     from memreg.copy_detect import build_copy_detector
     from memreg.demo.evaluate import evaluate_model
+    from memreg.demo.tradeoff import plot_tradeoff
     from memreg.report import build_report, load_run
 
     t_start = time.perf_counter()
@@ -368,7 +382,8 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
         ev = evaluate_model(comps, comps.unet, detector, memorized, train_images, heldout, final)
         _save_images(ev.pop("_images"), out / f"samples_{name}.png")
         over = run_overrides(settings, name)
-        runs[name] = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], train_s=train_s,
+        runs[name] = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], weight=_penalty_weight(over),
+                          train_s=train_s,
                           step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
                           final_guard_report=result.final_report)
         if name == "none":
@@ -380,11 +395,15 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     for name, r in runs.items():
         plain = "lora_none" if r["mode"] == "lora" and "lora_none" in runs else "none"
         r["step_time_ratio"] = r["step_time_s"] / runs[plain]["step_time_s"]
+        r["cond_ratio"] = ratio(_heldout_norm(r), _heldout_norm(runs[plain]))
     results = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "base_model": str(base), "base_s": base_s,
                "data": str(data_root), "settings": settings, "runs": runs,
                "detection_none": runs["none"]["detection"], "mitigation_none": mitigation}
     report = out / "report.html"
-    build_report([load_run(out / "runs" / g) for g in runs], report, title="memreg demo")
+    png = plot_tradeoff(runs, out / "tradeoff.png")
+    build_report([load_run(out / "runs" / g) for g in runs], report, title="memreg demo",
+                 extra_figures=[(png, "Copy rate vs held-out loss", "every run of the demo; penalty runs joined by "
+                                 "weight; ring = Pareto-optimal among runs of the same mode; lower-left is better")])
     results["wall_s"] = time.perf_counter() - t_start
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -169,6 +169,11 @@ class MemorizationPenalty:
         """The half of the scorer's batch the probes run (``memreg.score.TERM_SETS``)."""
         return {"combined": "both", "norm": "norm", "align": "align"}[self.term]
 
+    @property
+    def probe_samples(self) -> int:
+        """UNet samples the probes add to an active step: (u, c) at one or both timesteps per probe."""
+        return self.probes_per_step * (4 if self.term == "combined" else 2)
+
     def values_from_output(self, out: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
         """(values, norm) per probe from the UNet output on :meth:`unet_inputs`; fp32, differentiable."""
         return self.values_norms(self.scorer.from_unet_output(out, latents, self.terms))
@@ -398,7 +403,8 @@ class PenaltyConfig:
     calibration_seeds: int = 2
     fused_forward: bool = True            # probes ride in the denoising UNet forward
     probe_checkpointing: Union[bool, str] = "auto"  # activation checkpointing on probe steps; auto: when the
-                                                    # run does not checkpoint anyway (keeps peak memory flat)
+                                                    # run does not checkpoint anyway and the probes would add
+                                                    # > PROBE_MEMORY_SHARE to the forward's samples
     # per-caption reference (memreg.guards.reference); none: the absolute tau above
     reference: str = "none"               # none | base | population | base+population
     reference_source: str = "auto"        # base values: forward (LoRA adapters off / ctx.reference) | cache | auto
@@ -415,6 +421,17 @@ def resolve_term(term: str, reference: str) -> str:
     if term != "auto":
         return term
     return "combined" if reference == "none" else "norm"
+
+
+PROBE_MEMORY_SHARE = 0.2   # probe samples / denoising samples above which "auto" checkpoints probe steps:
+                           # activations grow with samples, so below it peak memory stays <= 1.2x plain
+
+
+def auto_probe_checkpointing(probe_samples: int, batch_size: int, gradient_checkpointing: bool) -> bool:
+    """Whether ``probe_checkpointing: auto`` recomputes activations on probe steps: only when the run
+    does not checkpoint anyway and the probes would add more than ``PROBE_MEMORY_SHARE`` of the
+    denoising batch's activations (checkpointing every step would cost a second forward each)."""
+    return not gradient_checkpointing and probe_samples > PROBE_MEMORY_SHARE * batch_size
 
 
 PROBE_FORWARDS = {"fused": "in the denoising UNet forward (one forward per backward)",
@@ -442,7 +459,8 @@ class PenaltyGuard(Guard):
         self.fire_counts = torch.zeros(4, dtype=torch.float64)   # over/probes: duplicated, ordinary (whole run)
         self.probe_forward = self._probe_forward(fused)
         pc = probe_checkpointing
-        ckpt = (not ctx.gradient_checkpointing) if pc == "auto" else bool(pc) and not ctx.gradient_checkpointing
+        ckpt = (auto_probe_checkpointing(penalty.probe_samples, ctx.batch_size, ctx.gradient_checkpointing) if pc == "auto"
+                else bool(pc) and not ctx.gradient_checkpointing)
         self.probe_checkpointing = ckpt and self.probe_forward != "measure"
         self._probe: ProbeBatch | None = None
         self._outs: list[PenaltyOutput] = []
@@ -480,7 +498,7 @@ class PenaltyGuard(Guard):
 
     def describe(self) -> str:
         p = self.penalty
-        per = p.probes_per_step * (4 if p.term == "combined" else 2)
+        per = p.probe_samples
         ref = self.reference
         refs = "" if ref is None else f"; reference {ref.mode}" + ("" if ref.mode == "population"
                                                                   else f" (base values: {ref.source})")

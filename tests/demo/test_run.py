@@ -12,7 +12,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 RUN_FIELDS = {"copy_exact", "copy_paraphrase", "copy_paraphrase_by_variant", "copy_exact_by_caption",
               "dup_own_similarity_mean", "heldout_copy", "heldout_photo_similarity_mean",
               "heldout_any_train_over_threshold", "heldout_loss", "adherence", "copy_threshold", "mode", "guard",
-              "train_s", "step_time_s", "step_time_ratio", "detection"}
+              "train_s", "step_time_s", "step_time_ratio", "detection", "weight", "cond_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,9 @@ def test_results_have_every_field(quick_demo):
     assert [t["target"] for t in saved["targets"]] == [t["target"] for t in results["targets"]]
     assert all(isinstance(t["pass"], bool) for t in saved["targets"])
     assert (out / "report.html").is_file() and (out / "samples_none.png").is_file()
+    assert (out / "tradeoff.png").is_file() and "Copy rate vs held-out loss" in (out / "report.html").read_text()
+    penalty_weights = {n: r["weight"] for n, r in saved["runs"].items() if r["guard"] == "penalty"}
+    assert len(set(penalty_weights.values())) >= 2 and None not in penalty_weights.values()
     for name in saved["runs"]:
         assert list((out / "runs" / name).rglob("events.out.tfevents.*"))
 
