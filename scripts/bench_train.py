@@ -203,6 +203,19 @@ def print_block(mode: str, med: dict, header: str) -> None:
     print(f"for information, {EVERY_BATCH} ({mode}): step time {st:.2f}x, peak memory {mt:.2f}x")
 
 
+def block_header(mode: str, base, args, steps: int, elapsed: float) -> str:
+    import torch
+
+    from memreg.guards.penalty import PenaltyConfig
+
+    d = PenaltyConfig()
+    what = "UNet attention LoRA" if mode == "lora" else "whole UNet, text encoder frozen"
+    return (f"bench_train: tiny SD, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
+            f"{base.resolution} px), torch {torch.__version__}, {args.threads} threads, device cpu\n"
+            f"{args.reps} interleaved repetitions x {steps} steps per run (first step dropped; penalty defaults: "
+            f"k={d.probes_per_step} every {d.every_n_steps} steps), medians; {elapsed:.0f} s")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="training modes, one block each")
@@ -243,13 +256,9 @@ def main(argv=None):
         for mode in args.modes:
             t0 = time.time()
             out[mode] = run_block(mode, block_configs(mode, args.k), root, model, data, steps, args.reps)
-            what = "UNet attention LoRA" if mode == "lora" else "whole UNet, text encoder frozen"
-            print_block(mode, out[mode], "\n".join([
-                f"bench_train: tiny SD, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
-                f"{base.resolution} px), torch {torch.__version__}, {args.threads} threads, device cpu",
-                f"{args.reps} interleaved repetitions x {steps} steps per run (first step dropped; penalty defaults: "
-                f"k={d.probes_per_step} every {d.every_n_steps} steps), medians; {time.time() - t0:.0f} s"]))
+            print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0))
     return out
+
 
 if __name__ == "__main__":
     main()
