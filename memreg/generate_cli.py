@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from memreg.detect import DetectError, _read, _resolve_weights, _versions, add_runtime_arguments
-from memreg.mitigate import MODES, MitigationConfig, calibrate_thresholds, generate_mitigated
+from memreg.mitigate import MODES, MitigationConfig, calibrate_config, generate_mitigated
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
 from memreg.prompt_io import PromptFileError
 
@@ -133,9 +133,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     config = MitigationConfig(mode=args.mitigate, tau=args.tau, target=args.target, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
                               g1=g1, g2=g2, num_inference_steps=args.steps, move_padding=not args.freeze_padding)
     if ordinary is not None:
-        qs = (args.tau_quantile, args.target_quantile) if args.mitigate == "score" else (args.tau_quantile,)
-        config.tau, config.target = (calibrate_thresholds(pipe, ordinary, config, qs, batch_size=args.batch_size)
-                                     + [None])[:2]
+        calibrate_config(pipe, ordinary, config, args.tau_quantile, args.target_quantile, batch_size=args.batch_size)
     n = args.images_per_prompt
     rows = [(p, args.seed + i * n + j) for i, p in enumerate(prompts) for j in range(n)]
     from tqdm.auto import tqdm

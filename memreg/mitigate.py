@@ -358,6 +358,19 @@ def calibrate_tau(pipe, prompts: Sequence[str], config: MitigationConfig | None 
     return calibrate_thresholds(pipe, prompts, config, (quantile,), **kwargs)[0]
 
 
+def calibrate_config(pipe, prompts: Sequence[str], config: MitigationConfig, flag_quantile: float = 0.98,
+                     target_quantile: float = 0.25, **kwargs) -> MitigationConfig:
+    """Set ``config.tau`` (the ``flag_quantile``) and, for ``score``, ``config.target`` (the
+    ``target_quantile``) from ordinary ``prompts`` in one scoring pass (``calibrate_thresholds``;
+    same keyword arguments). ``wen`` keeps its published rule: it stops at tau."""
+    if config.mode == "score":
+        config.tau, config.target = calibrate_thresholds(pipe, prompts, config, (flag_quantile, target_quantile),
+                                                         **kwargs)
+    else:
+        config.tau, config.target = calibrate_thresholds(pipe, prompts, config, (flag_quantile,), **kwargs)[0], None
+    return config
+
+
 @dataclass
 class MitigatedGeneration:
     images: list  # PIL RGB, one per (prompt, seed)

@@ -42,7 +42,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
                         ordinary_captions: list[str], s: MitigationEvalSettings) -> dict:
     """Per-mode numbers (see module doc) for the model ``unet``."""
     from memreg.generation import build_pipeline
-    from memreg.mitigate import MitigationConfig, calibrate_thresholds, generate_mitigated
+    from memreg.mitigate import MitigationConfig, calibrate_config, generate_mitigated
 
     pipe = build_pipeline(components, unet)
     m = s.images_per_caption
@@ -56,10 +56,8 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
     for mode in MODES:
         cfg = MitigationConfig(mode=mode, num_inference_steps=s.num_inference_steps)
         if mode != "none":
-            qs = (s.flag_quantile, s.target_quantile) if mode == "score" else (s.flag_quantile,)
-            cfg.tau, cfg.target = (calibrate_thresholds(pipe, calib, cfg, qs, seeds=[s.seed + 90_000 + i
-                                                                                     for i in range(len(calib))])
-                                   + [None])[:2]
+            calibrate_config(pipe, calib, cfg, s.flag_quantile, s.target_quantile,
+                             seeds=[s.seed + 90_000 + i for i in range(len(calib))])
         gen = generate_mitigated(components, prompts, seeds, mode, cfg, pipe=pipe, guidance_scale=s.guidance_scale,
                                  batch_size=32)
         dup_imgs, held_imgs = gen.images[:len(dup_prompts)], gen.images[len(dup_prompts):]
