@@ -180,6 +180,14 @@ class AnisotropyScore:
         embeds = torch.cat([uncond, cond_embeds] * len(halves))
         return sample, t, embeds
 
+    @staticmethod
+    def detach_unconditional(model_output: Tensor, terms: str = "both") -> Tensor:
+        """``model_output`` of :meth:`unet_inputs` with its unconditional rows detached, so a loss
+        on the score moves only the conditional predictions (the ``u`` rows are shared by every
+        caption; a penalty pulling them toward one caption would change every caption's guidance)."""
+        parts = list(model_output.chunk(4 if terms == "both" else 2))
+        return torch.cat([p.detach() if i % 2 == 0 else p for i, p in enumerate(parts)])
+
     def from_unet_output(self, model_output: Tensor, latents: Tensor, terms: str = "both") -> ScoreOutput:
         """Score terms from the UNet's output on ``unet_inputs(latents, ..., terms)``; fp32 math."""
         out = model_output.float()

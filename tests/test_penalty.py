@@ -229,3 +229,48 @@ def test_auto_probe_checkpointing_only_when_probes_would_grow_memory_past_the_sh
     assert auto_probe_checkpointing(8, 32, False)        # 25%: recompute on probe steps
     assert auto_probe_checkpointing(2, 1, False)         # SD LoRA at batch 1: probes triple the activations
     assert not auto_probe_checkpointing(8, 1, True)      # the run checkpoints anyway
+
+
+class _EpsScorer:
+    """The real score arithmetic on a hand-made UNet output (no UNet): eps prediction, alphas given."""
+
+    def __new__(cls):
+        from types import SimpleNamespace
+
+        from memreg.score import AnisotropyScore
+
+        sched = SimpleNamespace(alphas_cumprod=torch.linspace(0.99, 0.01, 1000),
+                                config=SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon"))
+        scorer = AnisotropyScore.__new__(AnisotropyScore)
+        scorer.t_hi, scorer.t_lo, scorer.g1, scorer.g2 = 999, 41, 1.0, 2.0
+        scorer.alphas_cumprod, scorer.prediction_type, scorer.space = sched.alphas_cumprod.double(), "epsilon", "eps"
+        return scorer
+
+
+@pytest.mark.parametrize("grad_through", ["cond", "both"])
+def test_grad_through_decides_which_predictions_the_penalty_moves(grad_through):
+    """[u@t_hi, c@t_hi, u@t_lo, c@t_lo] for 2 probes: with grad_through=cond the unconditional rows
+    (shared by every caption) get exactly zero gradient; the values are the same either way."""
+    pen = MemorizationPenalty(_EpsScorer(), zscore="none", tau=0.0, term="combined", grad_through=grad_through)
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(8, 4, 3, 3, generator=gen, requires_grad=True)
+    latents = torch.randn(2, 4, 3, 3, generator=gen)
+    values, _ = pen.values_from_output(out, latents)
+    # by hand: norm = ||c_hi - u_hi||; the align term is the same cosine as in memreg.score
+    u_hi, c_hi = out[0:2].detach(), out[2:4].detach()
+    norm = (c_hi - u_hi).flatten(1).norm(dim=1)
+    u_lo, c_lo = out[4:6].detach(), out[6:8].detach()
+    align = torch.nn.functional.cosine_similarity(u_lo, c_lo - u_lo, dim=1).mean(dim=(1, 2))
+    assert values.detach().tolist() == pytest.approx((norm + 2 * align).tolist(), rel=1e-5)
+    values.sum().backward()
+    grad = out.grad.flatten(1).abs().sum(dim=1)
+    assert (grad[[2, 3, 6, 7]] > 0).all()
+    if grad_through == "cond":
+        assert grad[[0, 1, 4, 5]].tolist() == [0.0] * 4
+    else:
+        assert (grad[[0, 1, 4, 5]] > 0).all()
+
+
+def test_grad_through_is_checked():
+    with pytest.raises(ValueError, match="grad_through"):
+        _pen(grad_through="uncond")

@@ -35,7 +35,7 @@ from memreg.guards import GUARDS
 from memreg.training.config import load_yaml
 
 logger = logging.getLogger("memreg.demo")
-SECTIONS = {"cache_dir", "data", "base", "finetune", "runs", "final", "mitigation"}
+SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation"}
 
 
 def _key(*parts) -> str:
@@ -63,6 +63,9 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         unknown = set(settings[section]) - {f.name for f in fields(known)}
         if unknown:
             raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
+    workers = settings.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"{path}: workers must be an integer >= 1, got {workers!r}")
     for name in settings.get("runs") or {}:
         run_overrides(settings, name)  # every run's guard is named before anything is built
     return settings
@@ -347,13 +350,77 @@ def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], lis
     return list(images.values()), memorized, heldout, scene_captions
 
 
+def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, threads: int | None = None) -> dict:
+    """Fine-tune run ``name``, measure the model and save its sample grid; on ``none`` also the
+    inference-time mitigation (``_mitigation`` in the returned row). ``threads``: torch's CPU threads
+    for this process (a worker of :func:`run_all`)."""
+    import torch
+
+    from memreg.copy_detect import build_copy_detector
+    from memreg.demo.evaluate import evaluate_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    logger.info("=== fine-tuning run %s ===", name)
+    result, train_s = finetune(settings, name, base, data_root, out / "runs" / name)
+    comps = _load_model(base, out / "runs" / name)
+    train_images, memorized, heldout, scene_captions = load_eval_inputs(data_root)
+    detector = build_copy_detector("ssim")
+    ev = evaluate_model(comps, comps.unet, detector, memorized, train_images, heldout,
+                        FinalEvalSettings(**settings["final"]))
+    _save_images(ev.pop("_images"), out / f"samples_{name}.png")
+    over = run_overrides(settings, name)
+    row = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], weight=_penalty_weight(over),
+               train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
+               final_guard_report=result.final_report)
+    if name == "none":
+        from memreg.demo.mitigation import evaluate_mitigation
+
+        logger.info("=== inference-time mitigation on run none ===")
+        row["_mitigation"] = evaluate_mitigation(comps, comps.unet, detector, memorized, heldout, scene_captions,
+                                                 MitigationEvalSettings(**settings["mitigation"]))
+    return row
+
+
+def _worker_init() -> None:
+    logging.basicConfig(format="%(asctime)s %(processName)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def run_all(settings: dict, base: Path, data_root: Path, out: Path) -> tuple[dict, dict | None]:
+    """Every run of ``runs:`` -> (rows by name in config order, the mitigation results of ``none``).
+
+    ``workers: n`` > 1 runs n fine-tunes at once in spawned processes, each with ``cpu_count // n``
+    torch threads: the tiny models use 2 threads poorly (measured on 2 cores: two 1-thread jobs
+    take 0.32 s/step each, one 2-thread job 0.25 s/step, so 1.6x the throughput). A run's numbers
+    depend on its thread count, never on which runs share the machine; its step time does (each
+    run then shares the memory bus with another), so the cost targets are measured side by side by
+    ``scripts/bench_train.py``. The longest runs (LoRA, ``none`` with its mitigation) start first.
+    """
+    import os
+
+    names = list(settings["runs"])
+    workers = max(1, min(int(settings.get("workers", 1)), len(names)))
+    if workers == 1:
+        rows = {n: run_one(settings, n, base, data_root, out) for n in names}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        first = sorted(names, key=lambda n: not (n == "none" or run_overrides(settings, n).get("mode") == "lora"))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {n: pool.submit(run_one, settings, n, base, data_root, out, threads) for n in first}
+            rows = {n: futures[n].result() for n in names}
+    mitigation = rows["none"].pop("_mitigation", None) if "none" in rows else None
+    return rows, mitigation
+
+
 def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None) -> dict:
     """The whole demo; returns the results dict (also written to ``out/results.json``).
 
     ``cache_dir`` overrides the config's (data and base model are reused from there).
     """
-    from memreg.copy_detect import build_copy_detector
-    from memreg.demo.evaluate import evaluate_model
     from memreg.demo.tradeoff import plot_tradeoff
     from memreg.report import build_report, load_run
 
@@ -371,29 +438,7 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     base = prepare_base(settings, data_root, cache)
     base_s = time.perf_counter() - t_base
 
-    train_images, memorized, heldout, scene_captions = load_eval_inputs(data_root)
-    final = FinalEvalSettings(**settings["final"])
-    detector = build_copy_detector("ssim")
-
-    runs: dict[str, dict] = {}
-    mitigation = None
-    for name in settings["runs"]:
-        logger.info("=== fine-tuning run %s ===", name)
-        result, train_s = finetune(settings, name, base, data_root, out / "runs" / name)
-        comps = _load_model(base, out / "runs" / name)
-        ev = evaluate_model(comps, comps.unet, detector, memorized, train_images, heldout, final)
-        _save_images(ev.pop("_images"), out / f"samples_{name}.png")
-        over = run_overrides(settings, name)
-        runs[name] = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], weight=_penalty_weight(over),
-                          train_s=train_s,
-                          step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
-                          final_guard_report=result.final_report)
-        if name == "none":
-            from memreg.demo.mitigation import evaluate_mitigation
-
-            logger.info("=== inference-time mitigation on run none ===")
-            mitigation = evaluate_mitigation(comps, comps.unet, detector, memorized, heldout, scene_captions,
-                                             MitigationEvalSettings(**settings["mitigation"]))
+    runs, mitigation = run_all(settings, base, data_root, out)
     for name, r in runs.items():
         plain = "lora_none" if r["mode"] == "lora" and "lora_none" in runs else "none"
         r["step_time_ratio"] = r["step_time_s"] / runs[plain]["step_time_s"]

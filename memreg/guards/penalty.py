@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 MODES = ("hinge", "mean")
 TERMS = ("combined", "norm", "align")
 ZSCORES = ("none", "calib", "batch")
+GRAD_THROUGH = ("cond", "both")
 
 
 def make_scorer(unet, scheduler, preset: str | None = None, t_hi: int | None = None, t_lo: int | None = None,
@@ -120,19 +121,22 @@ class MemorizationPenalty:
                  tau: float | str = "auto", probes_per_step: int = 2, every_n_steps: int = 8,
                  warmup_steps: int = 0, term: str = "combined", zscore: str = "calib", tau_z: float = 1.645,
                  tau_quantile: float = 0.95, tau_ema: float = 0.0, calibration_prompts: int = 64,
-                 calibration_seeds: int = 2, seed: int = 0, process_index: int = 0):
+                 calibration_seeds: int = 2, seed: int = 0, process_index: int = 0, grad_through: str = "both"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if term not in TERMS:
             raise ValueError(f"term must be one of {TERMS}, got {term!r}")
         if zscore not in ZSCORES:
             raise ValueError(f"zscore must be one of {ZSCORES}, got {zscore!r}")
+        if grad_through not in GRAD_THROUGH:
+            raise ValueError(f"grad_through must be one of {GRAD_THROUGH}, got {grad_through!r}")
         if not (tau == "auto" or isinstance(tau, (int, float))):
             raise ValueError(f"tau must be a number or 'auto', got {tau!r}")
         if probes_per_step < 1 or every_n_steps < 1 or warmup_steps < 0:
             raise ValueError("probes_per_step, every_n_steps >= 1 and warmup_steps >= 0 required")
         self.scorer = scorer
         self.mode, self.term, self.zscore = mode, term, zscore
+        self.grad_through = grad_through
         self.weight = float(weight)
         self.tau_spec = tau
         self.tau: float | None = None if tau == "auto" else float(tau)
@@ -175,7 +179,10 @@ class MemorizationPenalty:
         return self.probes_per_step * (4 if self.term == "combined" else 2)
 
     def values_from_output(self, out: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """(values, norm) per probe from the UNet output on :meth:`unet_inputs`; fp32, differentiable."""
+        """(values, norm) per probe from the UNet output on :meth:`unet_inputs`; fp32, differentiable
+        (through the conditional predictions only for ``grad_through="cond"``)."""
+        if self.grad_through == "cond":
+            out = self.scorer.detach_unconditional(out, self.terms)
         return self.values_norms(self.scorer.from_unet_output(out, latents, self.terms))
 
     def values_norms(self, so) -> tuple[Tensor, Tensor]:
@@ -395,6 +402,8 @@ class PenaltyConfig:
     term: str = "auto"                    # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the
                                           # probes); auto: combined with reference none, norm with the others
     zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
+    grad_through: str = "both"            # both: the score's gradient flows through eps(c) and eps(empty); cond:
+                                          # eps(empty), shared by every caption, is detached (README: measured)
     tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
     preset: Union[str, None] = None       # sd1 | sd2 | None: sd2 for v-prediction models, else sd1
     t_hi: Union[int, None] = None
@@ -477,7 +486,7 @@ class PenaltyGuard(Guard):
             zscore=cfg.zscore,
             tau_z=cfg.tau_z, tau_quantile=cfg.tau_quantile, tau_ema=cfg.tau_ema,
             calibration_prompts=cfg.calibration_prompts, calibration_seeds=cfg.calibration_seeds, seed=ctx.seed,
-            process_index=ctx.process_index)
+            process_index=ctx.process_index, grad_through=cfg.grad_through)
         return cls(ctx, pen, fused=cfg.fused_forward, probe_checkpointing=cfg.probe_checkpointing,
                    reference=build_reference(cfg, ctx))
 

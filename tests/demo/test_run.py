@@ -119,3 +119,11 @@ def test_a_section_given_twice_is_named(tmp_path):
     bad.write_text("data: {seed: 0}\nmitigation: {images_per_caption: 8}\nmitigation: {images_per_caption: 4}\n")
     with pytest.raises(Exception, match="duplicate key 'mitigation'"):
         load_settings(bad)
+
+
+@pytest.mark.parametrize("workers", [0, "2", 1.5, True])
+def test_workers_must_be_a_positive_integer(tmp_path, workers):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(f"workers: {workers!r}\ndata: {{}}\n" if not isinstance(workers, str) else f"workers: '{workers}'\n")
+    with pytest.raises(ValueError, match="workers must be an integer"):
+        load_settings(bad)
