@@ -37,6 +37,7 @@ def test_results_have_every_field(quick_demo):
             assert 0.0 <= r["ci95"][0] <= r["rate"] <= r["ci95"][1] <= 1.0 and r["n"] > 0
         assert set(run["copy_paraphrase_by_variant"]) == {"drop", "reorder", "synonym"}
         assert 0.0 <= run["adherence"] <= 1.0 and run["heldout_loss"] > 0
+        assert 0.0 <= run["heldout_any_train_over_threshold"] <= 1.0    # quick turns heldout_vs_train on
     assert {"norm", "align", "score", "groups_start", "groups_end"} <= set(saved["detection_none"])
     assert set(saved["mitigation_none"]) == {"none", "wen", "score"}
     for mode, m in saved["mitigation_none"].items():
