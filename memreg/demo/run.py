@@ -7,9 +7,10 @@
 2. From that base, with the same data, seed and steps, one fine-tune per entry of ``runs:``
    through :func:`memreg.training.loop.train`, with the periodic memorization monitor on
    (TensorBoard logs under ``runs/<name>``): full fine-tuning of the UNet with every guard
-   (``none``, ``penalty``, ``wen_filter``, ``caption_noise``, ``agc``), the penalty at other
-   weights (the trade-off plot), and LoRA rows (``lora_none``, ``lora_penalty``); on ``none`` also
-   inference-time mitigation (:mod:`memreg.demo.mitigation`).
+   (``none``, ``penalty``, ``wen_filter``, ``caption_noise``, ``agc``), the penalty at another
+   weight (the trade-off plot), and LoRA rows (``lora_none``, ``lora_penalty``); on ``none`` also
+   inference-time mitigation (:mod:`memreg.demo.mitigation`). ``workers: n`` runs n of them at once
+   (:func:`run_all`).
 3. Each fine-tuned model is measured (:mod:`memreg.demo.evaluate`); targets are computed, a table
    is printed, and ``results.json``, ``tradeoff.png`` (:mod:`memreg.demo.tradeoff`) and
    ``report.html`` (``memreg report``, the trade-off plot on top) are written.
