@@ -274,3 +274,23 @@ def test_grad_through_decides_which_predictions_the_penalty_moves(grad_through):
 def test_grad_through_is_checked():
     with pytest.raises(ValueError, match="grad_through"):
         _pen(grad_through="uncond")
+
+
+def test_bound_force_by_hand():
+    """penalty = w * sum(p): gradient w per element, norm w * sqrt(n); mse = mean(m^2): gradient 2m/N."""
+    from memreg.guards.penalty import bound_force
+
+    p = torch.ones(2, 3, requires_grad=True)
+    m = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)
+    mse = m.pow(2).mean()                       # gradient 2m/4: [[1.5, 2], [0, 0]], norm 2.5
+    pen = 0.5 * p.sum()                         # gradient 0.5 everywhere, norm 0.5 * sqrt(6)
+    ratio = 0.5 * 6 ** 0.5 / 2.5
+    capped, got = bound_force(pen, p, mse, m, max_force=0.1)
+    assert got == pytest.approx(ratio)
+    assert capped.item() == pytest.approx(pen.item() * 0.1 / ratio)
+    capped.backward()
+    assert p.grad.norm().item() == pytest.approx(0.1 * 2.5)   # the capped pull is 0.1x the denoising one
+    free, got = bound_force(0.5 * p.sum(), p, m.pow(2).mean(), m, max_force=10.0)
+    assert got == pytest.approx(ratio) and free.item() == pytest.approx(3.0)   # under the cap: untouched
+    zero, got = bound_force(0.0 * p.sum(), p, m.pow(2).mean(), m, max_force=0.1)
+    assert got == 0.0 and zero.item() == 0.0

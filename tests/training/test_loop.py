@@ -60,6 +60,16 @@ def test_penalty_run_logs_guard_scalars(penalty_run):
     assert res.logs[-1]["guard/tau"] != 0.0
 
 
+def test_max_force_caps_the_penalty_in_the_training_loop(tiny_sd_eps, tiny_data, tmp_path):
+    """guard.max_force: the logged force ratio is the uncapped one (> the cap here); the applied
+    weighted penalty is the raw one scaled by cap / ratio."""
+    res = run(tiny_sd_eps, tiny_data, tmp_path / "capped", steps=2, guard__max_force=1e-3, **PENALTY_ON)
+    for log in res.logs:
+        ratio = log["guard/force_ratio"]
+        assert ratio > 1e-3
+        assert log["guard/weighted_penalty"] == pytest.approx(log["guard/penalty"] * 1e-3 / ratio, rel=1e-4)
+
+
 def test_penalty_changes_the_weights(plain_run, penalty_run):
     assert _max_abs_diff(lora_weights(plain_run[0]), lora_weights(penalty_run[0])) > 1e-6
 
