@@ -461,6 +461,9 @@ def validate_guard(g: GuardConfig) -> None:
         raise ConfigError(f"guard.probe_checkpointing={g.probe_checkpointing!r} must be true, false or 'auto'")
     if g.weight < 0:
         raise ConfigError(f"guard.weight={g.weight} must be >= 0")
+    _choice(g.grad_through, ("cond", "both"), "guard.grad_through")
+    if g.max_force is not None and not g.max_force > 0:
+        raise ConfigError(f"guard.max_force={g.max_force} must be > 0 (or null: no cap)")
     if g.calibration_prompts < 1 or g.calibration_seeds < 1:
         raise ConfigError("guard.calibration_prompts and guard.calibration_seeds must be >= 1")
     cn = g.caption_noise

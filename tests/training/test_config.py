@@ -72,6 +72,11 @@ def test_static_contradictions_fail():
         load_config(["--config", TINY, "--guard.tau", "high"])
     with pytest.raises(ConfigError, match="dataset"):
         load_config(["--config", TINY, "--train_data_dir", "none"])
+    with pytest.raises(ConfigError, match="guard.grad_through"):
+        load_config(["--config", TINY, "--guard.grad_through", "uncond"])
+    with pytest.raises(ConfigError, match="guard.max_force"):
+        load_config(["--config", TINY, "--guard.max_force", "0"])
+    assert load_config(["--config", TINY, "--guard.max_force", "2.5"]).guard.max_force == 2.5
 
 
 def test_saved_config_round_trips(tmp_path):
