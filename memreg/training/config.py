@@ -26,7 +26,7 @@ import yaml
 
 from memreg.guards.agc import AGCConfig
 from memreg.guards.caption_noise import CaptionNoiseConfig
-from memreg.guards.penalty import MODES, TERMS, ZSCORES, PenaltyConfig
+from memreg.guards.penalty import GRAD_THROUGH, MODES, TERMS, ZSCORES, PenaltyConfig
 from memreg.guards.reference import REFERENCES, SOURCES
 from memreg.guards.registry import GUARDS
 from memreg.guards.wen_filter import WenFilterConfig
@@ -461,7 +461,7 @@ def validate_guard(g: GuardConfig) -> None:
         raise ConfigError(f"guard.probe_checkpointing={g.probe_checkpointing!r} must be true, false or 'auto'")
     if g.weight < 0:
         raise ConfigError(f"guard.weight={g.weight} must be >= 0")
-    _choice(g.grad_through, ("cond", "both"), "guard.grad_through")
+    _choice(g.grad_through, GRAD_THROUGH, "guard.grad_through")
     if g.max_force is not None and not g.max_force > 0:
         raise ConfigError(f"guard.max_force={g.max_force} must be > 0 (or null: no cap)")
     if g.calibration_prompts < 1 or g.calibration_seeds < 1:
