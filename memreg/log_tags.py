@@ -61,9 +61,16 @@ GUARD_COND_RATIO = "guard/cond_ratio"
 GUARD_THRESHOLD = "guard/threshold"              # reference modes: the threshold on the penalised quantity
 GUARD_GROWTH_MEAN = "guard/probe_growth_mean"    # reference modes: mean probe value minus its base value
 FIRE_GROUPS = ("duplicated", "ordinary")
+GUARD_GATE_FLAGGED = "guard/gate_flagged"        # captions the gate currently leaves out of the denoising loss
 
 
 def guard_fire_rate(group: str) -> str:
     """``guard/fire_rate/<group>``: fraction of this step's probes of ``group`` (duplicated, ordinary)
     over the penalty's threshold."""
     return f"guard/fire_rate/{group}"
+
+
+def guard_gate_rate(group: str) -> str:
+    """``guard/gate_rate/<group>``: fraction of this step's training samples of ``group`` the gate
+    left out of the denoising loss."""
+    return f"guard/gate_rate/{group}"

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from memreg import log_tags as tags
 from memreg.guards.base import ExtraInputs, Guard, GuardBatch, GuardContext, GuardLoss, quantile
+from memreg.guards.gate import CaptionGate, caption_keys
 from memreg.guards.reference import REFERENCES, SOURCES, Reference, caption_latents, distinct_captions, fire_rates
 from memreg.score import AnisotropyScore, score_prompts
 
@@ -393,12 +394,12 @@ class PenaltyConfig:
     """Settings of ``guard.type: penalty`` (top-level ``guard.*`` keys)."""
 
     mode: str = "hinge"                   # hinge: mean(relu(s - tau)); mean: mean(s)
-    weight: float = 0.1                   # lambda
+    weight: float = 0.0                   # lambda; 0 (default): the probes only feed the gate (README: measured)
     tau: Union[float, str] = "auto"       # float (raw score units) or "auto"
     tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
     tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
     probes_per_step: int = 2              # k captions of the batch probed per active step
-    every_n_steps: int = 8                # penalty on optimizer steps with step % n == 0
+    every_n_steps: int = 2                # probes on optimizer steps with step % n == 0
     warmup_steps: int = 0                 # no penalty before this optimizer step
     term: str = "auto"                    # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the
                                           # probes); auto: combined with reference none, norm with the others
@@ -418,13 +419,17 @@ class PenaltyConfig:
                                                     # run does not checkpoint anyway and the probes would add
                                                     # > PROBE_MEMORY_SHARE to the forward's samples
     # per-caption reference (memreg.guards.reference); none: the absolute tau above
-    reference: str = "none"               # none | base | population | base+population
+    reference: str = "base+population"    # none | base | population | base+population
     reference_source: str = "auto"        # base values: forward (LoRA adapters off / ctx.reference) | cache | auto
     reference_draws: int = 2              # cache: fixed noise draws per caption
     reference_margin: float = 0.0         # base: threshold on the growth; base+population: its floor (value units)
-    population_k: float = 3.0             # population threshold: median + k * 1.4826 * MAD of recent probes
-    population_window: int = 256          # how many recent probe values (all processes) it is taken over
+    population_k: float = 2.0             # population threshold: median + k * 1.4826 * MAD of recent probes
+    population_window: int = 256          # how many recent captions' latest values (all processes) it is taken over
     population_min: int = 16              # no penalty before this many values were seen
+    # caption gate (memreg.guards.gate): captions a probe found over the threshold leave the denoising loss
+    gate: bool = True
+    gate_weight: float = 0.0              # a flagged caption's sample weight in the denoising loss
+    gate_release: bool = False            # true: a probe back under the threshold unflags the caption
 
 
 def resolve_term(term: str, reference: str) -> str:
@@ -479,13 +484,16 @@ class PenaltyGuard(Guard):
 
     def __init__(self, ctx: GuardContext, penalty: MemorizationPenalty, fused: bool = True,
                  probe_checkpointing: Union[bool, str] = "auto", reference: Reference | None = None,
-                 max_force: float | None = None):
+                 max_force: float | None = None, gate: CaptionGate | None = None):
         super().__init__(ctx)
         if max_force is not None and not max_force > 0:
             raise ValueError(f"guard.max_force must be > 0 (or null), got {max_force!r}")
         self.penalty = penalty
         self.max_force = max_force
         self.reference = reference        # None: the absolute tau (guard.reference: none)
+        self.gate = gate                  # None: the denoising loss is the plain batch mean
+        self.gate_counts = torch.zeros(4, dtype=torch.float64)   # gated/samples: duplicated, ordinary (whole run)
+        self._gated: list[Tensor] = []    # this step's (gated, duplicated) per sample
         self._batch_captions: list[str] | None = None
         self.fire_counts = torch.zeros(4, dtype=torch.float64)   # over/probes: duplicated, ordinary (whole run)
         self.probe_forward = self._probe_forward(fused)
@@ -510,7 +518,8 @@ class PenaltyGuard(Guard):
             calibration_prompts=cfg.calibration_prompts, calibration_seeds=cfg.calibration_seeds, seed=ctx.seed,
             process_index=ctx.process_index, grad_through=cfg.grad_through)
         return cls(ctx, pen, fused=cfg.fused_forward, probe_checkpointing=cfg.probe_checkpointing,
-                   reference=build_reference(cfg, ctx), max_force=cfg.max_force)
+                   reference=build_reference(cfg, ctx), max_force=cfg.max_force,
+                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release) if cfg.gate else None)
 
     def _probe_forward(self, fused: bool) -> str:
         if self.penalty.weight == 0:
@@ -588,8 +597,8 @@ class PenaltyGuard(Guard):
         if caps is not None and len(caps) != embeds.shape[0]:
             caps = None
         cache = None if ref is None else ref.cache
-        if cache is not None and caps is None:
-            raise RuntimeError("guard.reference with a cache needs the batch captions: call "
+        if (cache is not None or self.gate is not None) and caps is None:
+            raise RuntimeError("guard.reference with a cache and guard.gate need the batch captions: call "
                                "guard.captions(captions) before guard.extra_inputs(...)")
         draw = None
 
@@ -623,8 +632,7 @@ class PenaltyGuard(Guard):
             return None
         return ExtraInputs(probe.sample, probe.timesteps, probe.embeds, checkpointing=self.probe_checkpointing)
 
-    def _probe_output(self, batch: GuardBatch) -> Tensor:
-        probe = self._probe
+    def _probe_output(self, batch: GuardBatch, probe: ProbeBatch) -> Tensor:
         if self.probe_forward == "fused":
             return batch.extra_out
         if self.probe_forward == "separate":
@@ -633,27 +641,43 @@ class PenaltyGuard(Guard):
             return self.ctx.run_unet(probe.sample, probe.timesteps, probe.embeds)
 
     def loss(self, batch: GuardBatch) -> GuardLoss:
-        loss = batch.per_sample.mean()
+        pen, probe, self._probe = self.penalty, self._probe, None
+        pout = probe_out = None
+        if probe is not None:
+            probe_out = self._probe_output(batch, probe)
+            if self.reference is None:
+                gather = self.ctx.gather if pen.zscore == "batch" else None
+                pout = pen.compute(probe_out, probe, gather=gather)
+                if pen.tau_ema > 0:
+                    pen.update_tau(self.ctx.gather(pout.values))
+            else:
+                pout = self._relative(probe_out, probe)
+            if probe.captions is not None:
+                pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
+            if self.gate is not None:   # this step's verdicts act on this very batch
+                keys = caption_keys(probe.captions).to(pout.over.device)
+                self.gate.update(self.ctx.gather(keys).cpu(), self.ctx.gather(pout.over.to(torch.uint8)).cpu())
+        loss = self._denoising_loss(batch)
         res = GuardLoss(loss=loss, loss_mse=loss.detach())
-        if self._probe is None:
+        if pout is None:
             return res
-        pen, probe = self.penalty, self._probe
-        probe_out = self._probe_output(batch)
-        if self.reference is None:
-            gather = self.ctx.gather if pen.zscore == "batch" else None
-            pout = pen.compute(probe_out, probe, gather=gather)
-            if pen.tau_ema > 0:
-                pen.update_tau(self.ctx.gather(pout.values))
-        else:
-            pout = self._relative(probe_out, probe)
         if self.max_force is not None:
             pout.weighted, pout.force = bound_force(pout.weighted, probe_out, loss, batch.model_pred, self.max_force)
-        self._probe = None
-        if probe.captions is not None:
-            pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
         self._outs.append(pout)
         res.loss = loss + pout.weighted
         return res
+
+    def _denoising_loss(self, batch: GuardBatch) -> Tensor:
+        """The batch mean, or with the gate the weighted mean that leaves flagged captions out."""
+        if self.gate is None:
+            return batch.per_sample.mean()
+        caps = self._batch_captions
+        if caps is None or len(caps) != batch.per_sample.shape[0]:
+            raise RuntimeError("guard.gate needs the batch captions: call guard.captions(captions) before "
+                               "guard.loss(...)")
+        w = self.gate.weights(caption_keys(caps))
+        self._gated.append(torch.stack([(w < 1).double(), self.ctx.is_duplicated(caps).double()]))
+        return self.gate.weighted_mean(batch.per_sample, w)
 
     def _relative(self, out: Tensor, probe: ProbeBatch) -> PenaltyOutput:
         """Reference modes: the penalty on value - base against the reference's threshold (taken
@@ -665,13 +689,15 @@ class PenaltyGuard(Guard):
         loss, over = pen.relative_penalty(quantity, ref.threshold(), known)
         growth = torch.where(known, quantity.detach(), torch.full_like(quantity, math.nan))
         if ref.population is not None:
-            ref.population.update(self.ctx.gather(growth.float().contiguous()))
+            keys = None if probe.captions is None else self.ctx.gather(caption_keys(probe.captions).to(growth.device))
+            ref.population.update(self.ctx.gather(growth.float().contiguous()), keys)
         return PenaltyOutput(loss=loss, weighted=pen.weight * loss, values=values.detach(), norm=norm.detach(),
                              over=over, growth=growth)
 
     def step_logs(self, logs: dict[str, float]) -> dict[str, float]:
         pen, outs, self._outs = self.penalty, self._outs, []
         out = {"guard/tau": float(pen.tau) if pen.tau is not None else math.nan}
+        out.update(self._gate_logs())
         if not outs:   # every process probes on the same steps, so the collectives below match
             return out
         g = self.ctx.gather
@@ -716,11 +742,30 @@ class PenaltyGuard(Guard):
         out.update({tags.guard_fire_rate(k): v for k, v in fire_rates(over > 0, dup).items()})
         return out
 
+    def _gate_logs(self) -> dict[str, float]:
+        """Share of this step's samples the gate left out, per caption group (totals kept for :meth:`finish`)."""
+        if self.gate is None:
+            return {}
+        gated = torch.cat(self._gated, dim=1) if self._gated else torch.zeros(2, 0, dtype=torch.float64)
+        self._gated = []
+        g = self.ctx.gather
+        drop, dup = g(gated[0].float()).cpu(), g(gated[1].float()).cpu() > 0
+        out = {tags.GUARD_GATE_FLAGGED: float(len(self.gate.flagged))}
+        for i, (group, mask) in enumerate(zip(tags.FIRE_GROUPS, (dup, ~dup))):
+            self.gate_counts[2 * i] += float(drop[mask].sum())
+            self.gate_counts[2 * i + 1] += float(mask.sum())
+            if bool(mask.any()):
+                out[tags.guard_gate_rate(group)] = float(drop[mask].mean())
+        return out
+
     def fire_rate_totals(self) -> dict[str, float]:
         """Firing rate per group over the whole run (nan: no probe of the group)."""
-        c = self.fire_counts
-        return {f"fire_rate_{k}": float(c[2 * i] / c[2 * i + 1]) if c[2 * i + 1] > 0 else math.nan
-                for i, k in enumerate(tags.FIRE_GROUPS)}
+        out = {}
+        for prefix, c in (("fire_rate", self.fire_counts), ("gate_rate", self.gate_counts if self.gate else None)):
+            if c is not None:
+                out.update({f"{prefix}_{k}": float(c[2 * i] / c[2 * i + 1]) if c[2 * i + 1] > 0 else math.nan
+                            for i, k in enumerate(tags.FIRE_GROUPS)})
+        return out
 
     def finish(self) -> dict[str, float]:
         """Re-score the calibration draws (same captions and noise) with the trained model."""
@@ -735,7 +780,8 @@ class PenaltyGuard(Guard):
 
     def state_dict(self) -> dict:
         return {**self.penalty.state_dict(), "fire_counts": self.fire_counts.clone(),
-                "reference": None if self.reference is None else self.reference.state_dict()}
+                "reference": None if self.reference is None else self.reference.state_dict(),
+                "gate": None if self.gate is None else dict(self.gate.state_dict(), counts=self.gate_counts.clone())}
 
     def load_state_dict(self, state: dict) -> None:
         self.penalty.load_state_dict(state)
@@ -743,6 +789,9 @@ class PenaltyGuard(Guard):
             self.fire_counts = state["fire_counts"].double().cpu().clone()
         if self.reference is not None and state.get("reference") is not None:
             self.reference.load_state_dict(state["reference"])
+        if self.gate is not None and state.get("gate") is not None:
+            self.gate.load_state_dict(state["gate"])
+            self.gate_counts = state["gate"]["counts"].double().cpu().clone()
 
 
 def build_reference(cfg, ctx: GuardContext) -> Reference | None:

@@ -117,11 +117,16 @@ class BaseReferenceCache:
 
 
 class PopulationThreshold:
-    """Running ``median + k * 1.4826 * MAD`` over the last ``window`` values (+inf before ``min_count``)."""
+    """Running ``median + k * 1.4826 * MAD`` over the last ``window`` values (+inf before ``min_count``).
+
+    With caption ``keys`` the population is one value per caption, its latest: a caption probed
+    often (a duplicated one, in 40% of the demo's batches) would otherwise fill the window with its
+    own values and lift the threshold over itself."""
 
     def __init__(self, k: float = 3.0, window: int = 256, min_count: int = 16):
         self.k, self.window, self.min_count = float(k), int(window), int(min_count)
         self.buffer = torch.zeros(0, dtype=torch.float64)
+        self.keys = torch.zeros(0, dtype=torch.int64)   # caption key per value; -1: none (never replaced)
 
     def threshold(self) -> float:
         if self.buffer.numel() < max(self.min_count, 1):
@@ -130,16 +135,30 @@ class PopulationThreshold:
         mad = torch.quantile((self.buffer - med).abs(), 0.5)
         return float(med + self.k * MAD_TO_SIGMA * mad)
 
-    def update(self, values: Tensor) -> None:
-        """Append this step's values (already gathered over processes, so every process agrees)."""
+    def update(self, values: Tensor, keys: Tensor | None = None) -> None:
+        """Append this step's values (already gathered over processes, so every process agrees); a
+        keyed value replaces its caption's earlier one."""
         v = values.detach().double().cpu().reshape(-1)
-        self.buffer = torch.cat([self.buffer, v[torch.isfinite(v)]])[-self.window:]
+        k = torch.full(v.shape, -1, dtype=torch.int64) if keys is None else keys.detach().long().cpu().reshape(-1)
+        ok = torch.isfinite(v)
+        v, k = v[ok], k[ok]
+        if keys is not None and k.numel():
+            last = {int(key): i for i, key in enumerate(k.tolist())}   # a caption twice in one step: its last value
+            idx = torch.tensor(sorted(last.values()), dtype=torch.long)
+            v, k = v[idx], k[idx]
+            stale = torch.isin(self.keys, k)
+            self.buffer, self.keys = self.buffer[~stale], self.keys[~stale]
+        self.buffer = torch.cat([self.buffer, v])[-self.window:]
+        self.keys = torch.cat([self.keys, k])[-self.window:]
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.clone()}
+        return {"buffer": self.buffer.clone(), "keys": self.keys.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = state["buffer"].double().cpu().reshape(-1)
+        keys = state.get("keys")
+        self.keys = (torch.full(self.buffer.shape, -1, dtype=torch.int64) if keys is None
+                     else keys.long().cpu().reshape(-1))
 
 
 def fire_rates(over: Tensor, duplicated: Tensor) -> dict[str, float]:

@@ -462,6 +462,8 @@ def validate_guard(g: GuardConfig) -> None:
     if g.weight < 0:
         raise ConfigError(f"guard.weight={g.weight} must be >= 0")
     _choice(g.grad_through, GRAD_THROUGH, "guard.grad_through")
+    if not 0.0 <= g.gate_weight < 1.0:
+        raise ConfigError(f"guard.gate_weight={g.gate_weight} must be in [0, 1) (1 would be no gate)")
     if g.max_force is not None and not g.max_force > 0:
         raise ConfigError(f"guard.max_force={g.max_force} must be > 0 (or null: no cap)")
     if g.calibration_prompts < 1 or g.calibration_seeds < 1:

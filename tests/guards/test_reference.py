@@ -62,6 +62,17 @@ def test_population_threshold_is_median_plus_k_mad():
     assert pop.threshold() == pytest.approx(0.3 + 3 * 1.4826 * 0.2)
 
 
+def test_keyed_population_keeps_each_captions_latest_value():
+    pop = PopulationThreshold(k=0.0, window=3, min_count=1)
+    pop.update(torch.tensor([1.0, 2.0, 3.0]), keys=torch.tensor([10, 11, 10]))   # caption 10 twice: its last, 3
+    assert pop.buffer.tolist() == [2.0, 3.0] and pop.keys.tolist() == [11, 10]
+    pop.update(torch.tensor([5.0, float("nan"), 7.0]), keys=torch.tensor([11, 12, 13]))   # 11 replaced, nan dropped
+    assert pop.buffer.tolist() == [3.0, 5.0, 7.0] and pop.keys.tolist() == [10, 11, 13]
+    pop.update(torch.tensor([9.0]))                                  # unkeyed: appended, window of 3
+    assert pop.buffer.tolist() == [5.0, 7.0, 9.0] and pop.keys.tolist() == [11, 13, -1]
+    assert pop.threshold() == 7.0                                    # median, k = 0
+
+
 def test_reference_threshold_per_mode():
     assert Reference("base", margin=0.3).threshold() == 0.3
     for mode, expected in (("population", 0.2), ("base+population", 0.5)):
@@ -157,6 +168,7 @@ def _guard(c, unet=None, **cfg):
                        uncond=enc.uncond, latent_shape=(4, 16, 16), train_captions=CAPTIONS, seed=11,
                        duplicated_captions=lambda: {"a red circle"})
     base = {"type": "penalty", "reference": "base", "zscore": "none", "every_n_steps": 1, "probes_per_step": 4,
+            "gate": False, "weight": 0.1, "population_k": 3.0,
             "calibration_prompts": 4, "calibration_seeds": 1}
     return build_guard({**base, **cfg}, ctx), enc
 
@@ -286,7 +298,7 @@ def dup_data(tmp_path_factory) -> Path:
     return root
 
 
-REF_ON = dict(guard__type="penalty", guard__every_n_steps=1, guard__probes_per_step=2, guard__term="auto",
+REF_ON = dict(guard__type="penalty", guard__gate=False, guard__every_n_steps=1, guard__probes_per_step=2, guard__term="auto",
               guard__reference="base+population", guard__population_min=1, guard__calibration_prompts=4,
               guard__calibration_seeds=1, checkpointing_steps=2)
 
@@ -312,7 +324,9 @@ def test_cached_reference_and_population_resume_exactly(tiny_sd_eps, dup_data, t
     s, r = straight.guard, resumed.guard
     assert s.reference.source == "cache" and len(s.reference.cache) == 10  # 8 records, 2 with 2 captions
     assert torch.equal(s.reference.cache.values, r.reference.cache.values)
-    assert s.reference.population.buffer.numel() == 8                      # 2 probes x 4 steps
+    pop = s.reference.population                                           # 2 probes x 4 steps, one value per caption
+    assert 2 <= pop.buffer.numel() <= 8 and pop.keys.unique().numel() == pop.buffer.numel()
+    assert torch.equal(pop.keys, r.reference.population.keys)
     assert torch.equal(s.reference.population.buffer, r.reference.population.buffer)
     assert torch.equal(s.fire_counts, r.fire_counts)
     a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
@@ -342,12 +356,13 @@ def test_two_processes_share_one_cache_and_one_population(tiny_sd_eps, dup_data,
     states = [load_file(str(out / "checkpoint-2" / f"guard_state_{r}.safetensors")) for r in (0, 1)]
     metas = [json.loads((out / "checkpoint-2" / f"guard_state_{r}.json").read_text()) for r in (0, 1)]
     keys = [k for k in states[0] if ".reference." in k or k.endswith("fire_counts")]
-    assert len(keys) == 3 and metas[0]["penalty"]["reference"]["cache"]["captions"] == \
+    assert len(keys) == 4 and metas[0]["penalty"]["reference"]["cache"]["captions"] == \
         metas[1]["penalty"]["reference"]["cache"]["captions"]
     for k in keys:
         assert torch.equal(states[0][k], states[1][k]), k
-    buffer = states[0]["penalty.reference.population.buffer"]
-    assert buffer.numel() == 8                                   # 2 probes x 2 processes x 2 steps
+    buffer, pop_keys = (states[0][f"penalty.reference.population.{k}"] for k in ("buffer", "keys"))
+    assert 2 <= buffer.numel() <= 8 and pop_keys.unique().numel() == buffer.numel()   # 2 probes x 2 proc. x 2 steps,
+                                                                                      # one value per caption
     single = h.run(tiny_sd_eps, dup_data, tmp_path / "one", steps=1, **dict(kw, stop_at_step=1)).guard
     ddp_caps = metas[0]["penalty"]["reference"]["cache"]["captions"]
     assert ddp_caps == single.reference.cache.captions

@@ -35,7 +35,8 @@ def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
     out = tmp_path / "ddp"
     t0 = time.time()
     proc = _launch_two(29517, base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2,
-                                        guard__type="penalty", guard__every_n_steps=2, guard__calibration_prompts=4,
+                                        guard__type="penalty", guard__weight=0.1, guard__every_n_steps=2,
+                                        guard__population_min=1, guard__calibration_prompts=4,
                                         guard__calibration_seeds=1))
     elapsed = time.time() - t0
     log = proc.stdout + proc.stderr
@@ -48,6 +49,15 @@ def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
     assert (out / "checkpoint-2" / "guard_state_0.json").is_file()
     assert (out / "checkpoint-2" / "guard_state_1.json").is_file()
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
+    # the gate's flags and the population gathered from both processes' probes are the same everywhere
+    from safetensors.torch import load_file
+
+    states = [load_file(str(out / "checkpoint-4" / f"guard_state_{r}.safetensors")) for r in (0, 1)]
+    shared = [k for k in states[0] if ".gate." in k or ".population." in k]
+    assert {"penalty.gate.flagged", "penalty.reference.population.keys"} <= set(shared)
+    assert states[0]["penalty.reference.population.buffer"].numel() >= 2
+    for k in shared:
+        assert torch.equal(states[0][k], states[1][k]), k
     print(f"2-process run took {elapsed:.1f} s")
 
 

@@ -365,12 +365,14 @@ def test_readme_guard_lines_in_a_hand_written_loop_match_the_trainer(guard, tiny
     with torch.no_grad():
         encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
     scope = dict(unet=unet, noise_scheduler=noise_scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
-                 captions=captions, global_step=0, noisy_latents=noisy_latents, timesteps=timesteps,
+                 captions=captions, batch_captions=seen["captions"], global_step=0, noisy_latents=noisy_latents, timesteps=timesteps,
                  encoder_hidden_states=encoder_hidden_states, target=noise, F=F)
     lines = _readme_guard_lines().replace('{"type": "penalty"}', f'{{"type": "{guard}"}}')
     assert len([ln for ln in lines.splitlines() if ln.strip() and not ln.startswith("#")]) <= 12
     exec(compile(lines, "README.md", "exec"), scope)
-    assert scope["extra"] is None if guard == "agc" else scope["extra"] is not None
+    assert scope["extra"] is None   # agc: no extra inputs; penalty at weight 0: probes in a no-grad forward ...
+    if guard == "penalty":
+        assert scope["guard"]._outs    # ... that ran on this step
     assert scope["loss"].item() == pytest.approx(seen["loss"].item(), rel=1e-5, abs=1e-7)
 
 

@@ -1,0 +1,174 @@
+"""The caption gate (memreg/guards/gate.py, guard.gate in penalty.py): flags by hand, the weighted
+denoising loss by hand, the per-group gate rates, checkpoint state, config errors, the trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from memreg import log_tags as tags
+from memreg.guards import GuardBatch, GuardContext, build_guard
+from memreg.guards.gate import CaptionGate, caption_keys
+from memreg.score import prompt_seed
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTIONS = ["a red circle", "a blue square", "a green cross", "a red circle"]
+
+
+def test_caption_keys_are_the_63_bit_prompt_seeds():
+    keys = caption_keys(["a cat", "a dog", "a cat"])
+    assert keys.dtype == torch.int64
+    assert keys.tolist() == [prompt_seed(0, "a cat"), prompt_seed(0, "a dog"), prompt_seed(0, "a cat")]
+
+
+@pytest.mark.parametrize("release, flagged_after", [(True, {2}), (False, {1, 2})])
+def test_flags_are_set_by_a_fired_probe_and_released_by_one_under(release, flagged_after):
+    gate = CaptionGate(weight=0.0, release=release)
+    gate.update(torch.tensor([1, 2, 3]), torch.tensor([True, True, False]))
+    assert gate.flagged == {1, 2}
+    gate.update(torch.tensor([1]), torch.tensor([False]))      # caption 1 probed again, under the threshold
+    assert gate.flagged == flagged_after
+    assert gate.is_flagged(torch.tensor([2, 3, 2])).tolist() == [True, False, True]
+
+
+def test_weighted_mean_by_hand():
+    per = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    gate = CaptionGate(weight=0.5)
+    gate.flagged = {20}
+    w = gate.weights(torch.tensor([10, 20, 30, 20]))
+    assert w.tolist() == [1.0, 0.5, 1.0, 0.5]
+    assert float(gate.weighted_mean(per, w).detach()) == pytest.approx((1 + 0.5 * 2 + 3 + 0.5 * 4) / 3.0)
+    zero = CaptionGate.weighted_mean(per, torch.zeros(4))
+    zero.backward()                                             # every sample gated: 0, graph kept (DDP)
+    assert float(zero.detach()) == 0.0 and per.grad.tolist() == [0.0] * 4
+
+
+def test_gate_weight_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="gate_weight"):
+        CaptionGate(weight=1.0)
+    from memreg.guards import guard_config
+
+    with pytest.raises(Exception, match="guard.gate_weight"):
+        guard_config({"type": "penalty", "gate": True, "gate_weight": 1.5})
+
+
+# ---------------------------------------------------------------------------- in the penalty guard
+
+def _guard(c, **cfg):
+    from memreg.encoding import PromptEncoder
+
+    enc = PromptEncoder(c.tokenizer, c.text_encoder)
+    ctx = GuardContext(unet=c.unet, noise_scheduler=c.scheduler, encode=lambda caps: enc(caps), uncond=enc.uncond,
+                       latent_shape=(4, 16, 16), train_captions=CAPTIONS, seed=11,
+                       duplicated_captions=lambda: {"a red circle"})
+    base = {"type": "penalty", "gate": True, "reference": "none", "zscore": "none", "term": "norm", "every_n_steps": 1,
+            "probes_per_step": 1, "calibration_prompts": 4, "calibration_seeds": 1}
+    return build_guard({**base, **cfg}, ctx), enc
+
+
+def _step(guard, enc, unet, per_sample, step=0):
+    caps = guard.captions(list(CAPTIONS))
+    embeds = enc(caps)
+    extra = guard.extra_inputs(step, embeds)
+    with torch.no_grad():
+        out = None if extra is None else unet(extra.sample, extra.timesteps, encoder_hidden_states=extra.embeds).sample
+    return guard.loss(GuardBatch(step, None, None, embeds, None, per_sample, extra_out=out))
+
+
+def test_a_fired_probe_takes_its_caption_out_of_this_and_later_batches(eps_components):
+    c = eps_components
+    guard, enc = _guard(c, tau=-1e9)              # every probe fires
+    guard.calibrate()
+    per = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    res = _step(guard, enc, c.unet, per)
+    probed = guard._outs[-1]
+    assert bool(probed.over.all()) and len(guard.gate.flagged) == 1
+    (cap,) = [x for x in set(CAPTIONS) if prompt_seed(0, x) in guard.gate.flagged]
+    kept = [p for x, p in zip(CAPTIONS, per.tolist()) if x != cap]
+    assert float(res.loss_mse) == pytest.approx(sum(kept) / len(kept))   # this very batch is already gated
+    logs = guard.step_logs({"train/loss_mse": float(res.loss_mse)})
+    n_dup_gated = sum(x == cap for x in CAPTIONS if x == "a red circle")
+    assert logs[tags.guard_gate_rate("duplicated")] == pytest.approx(n_dup_gated / 2)
+    assert logs[tags.guard_gate_rate("ordinary")] == pytest.approx((len(CAPTIONS) - len(kept) - n_dup_gated) / 2)
+    assert logs[tags.GUARD_GATE_FLAGGED] == 1.0
+
+
+def test_no_gate_is_the_plain_mean_and_a_high_tau_gates_nothing(eps_components):
+    c = eps_components
+    guard, enc = _guard(c, tau=1e9)
+    guard.calibrate()
+    res = _step(guard, enc, c.unet, torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert float(res.loss_mse) == pytest.approx(3.0) and not guard.gate.flagged
+
+
+def test_gate_state_roundtrip_through_the_checkpoint_files(eps_components, tmp_path):
+    from memreg.training.checkpoint import load_guard_state, save_guard_state
+
+    c = eps_components
+    a, enc = _guard(c, tau=-1e9, gate_release=False)
+    a.calibrate()
+    for step in range(2):
+        _step(a, enc, c.unet, torch.ones(4), step=step)
+        a.step_logs({"train/loss_mse": 1.0})
+    save_guard_state({"penalty": a}, tmp_path, rank=0)
+    b, _ = _guard(c, tau=-1e9, gate_release=False)
+    load_guard_state({"penalty": b}, tmp_path, rank=0)
+    assert b.gate.flagged == a.gate.flagged and torch.equal(b.gate_counts, a.gate_counts)
+    assert b.fire_rate_totals() == a.fire_rate_totals()
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+def _training_helpers():
+    spec = importlib.util.spec_from_file_location("_training_conftest", REPO / "tests/training/conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return _training_helpers().make_imagefolder(tmp_path_factory.mktemp("gate_data"))
+
+
+GATE_ON = dict(guard__type="penalty", guard__gate=True, guard__every_n_steps=1, guard__probes_per_step=2,
+               guard__term="norm", guard__reference="none", guard__zscore="none", guard__tau=-1e9, guard__weight=0.0,
+               guard__calibration_prompts=4, guard__calibration_seeds=1, checkpointing_steps=2)
+
+
+def test_trainer_gates_flagged_captions_and_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
+    h = _training_helpers()
+    straight = h.run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **GATE_ON)
+    g = straight.guard
+    assert g.probe_forward == "measure" and len(g.gate.flagged) >= 2     # weight 0: the gate alone acts
+    assert any(tags.guard_gate_rate("ordinary") in log for log in straight.logs)
+    plain = h.run(tiny_sd_eps, tiny_data, tmp_path / "plain", steps=4, checkpointing_steps=2)
+    a, p = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "plain")
+    assert max(float((a[k] - p[k]).abs().max()) for k in a) > 0           # gating changed training
+    h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, stop_at_step=2, **GATE_ON)
+    resumed = h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **GATE_ON)
+    assert resumed.guard.gate.flagged == g.gate.flagged
+    b = h.lora_weights(tmp_path / "killed")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_trainer_at_the_defaults_logs_the_gate_and_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
+    """guard.type penalty and nothing else: the caption gate on the base+population reference (LoRA:
+    base values from a forward with the adapters off), weight 0, probes every 2nd step."""
+    h = _training_helpers()
+    kw = dict(guard__type="penalty", guard__population_min=1, guard__calibration_prompts=4,
+              guard__calibration_seeds=1, checkpointing_steps=2)
+    straight = h.run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **kw)
+    g = straight.guard
+    assert g.gate is not None and g.reference.mode == "base+population" and g.reference.source == "forward"
+    assert g.probe_forward == "measure" and g.penalty.every_n_steps == 2
+    assert all(tags.guard_gate_rate("ordinary") in log for log in straight.logs)
+    h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
+    resumed = h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
+    r = resumed.guard
+    assert r.gate.flagged == g.gate.flagged and torch.equal(r.reference.population.buffer, g.reference.population.buffer)
+    a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
