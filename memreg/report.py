@@ -382,6 +382,12 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report",
             [(g, [(log_tags.copy_stat(g, "sim_p95"), "-", "")])
              for g in _groups_with(runs, log_tags.copy_stat("{}", "sim_p95"))], "similarity")
 
+    section("Guard selectivity: training samples gated and probes fired", "guard_selectivity.png",
+            [(g, [(log_tags.guard_gate_rate(g), "-", " gated"), (log_tags.guard_fire_rate(g), "--", " fired")])
+             for g in log_tags.FIRE_GROUPS], "share per step",
+            "solid: the step's training samples the gate left out of the loss; dashed: the step's probes over "
+            "the threshold (penalty guard; groups as the monitor finds duplicates)")
+
     def first_tag(name):
         def fn(run):  # the exact leaf (train/loss_mse) before unit-suffixed ones
             tags = sorted(run.tags_ending(name), key=lambda t: t.rsplit("/", 1)[-1] != name)

@@ -23,6 +23,9 @@ def _write_run(run_dir: Path, seed: int, resume: bool = False, loss_tag: str = "
         for step in range(lo, hi):
             w.add_scalar(loss_tag, float(1 / (step + 1) + rng.random() * 0.01), step)
             w.add_scalar(time_tag, float(0.1 + rng.random() * 0.01), step)
+            for g in ("duplicated", "ordinary"):                  # the penalty guard's selectivity logs
+                w.add_scalar(f"guard/gate_rate/{g}", float(rng.random()), step)
+                w.add_scalar(f"guard/fire_rate/{g}", float(rng.random()), step)
             if step % 5 == 0:
                 for g in ("duplicated", "unique", "heldout"):
                     for t in ("score", "norm", "align"):
@@ -61,7 +64,7 @@ def test_report_two_runs(two_runs, tmp_path):
         assert (out.parent / src).is_file() and (out.parent / src).read_bytes()[:4] == b"\x89PNG"
     names = {Path(s).name for s in srcs}
     for expected in ("score_curves.png", "auc_curves.png", "memorized_frac.png", "loss.png", "step_time.png",
-                     "run0_copy_grid_duplicated.png", "run1_copy_grid_heldout.png"):
+                     "guard_selectivity.png", "run0_copy_grid_duplicated.png", "run1_copy_grid_heldout.png"):
         assert expected in names
     assert "&lt;b&gt;step 10&lt;/b&gt;" in page        # latest top-k text, HTML-escaped
     assert "<script" not in page
@@ -204,12 +207,12 @@ def test_every_table_header_and_plot_legend_names_every_run(two_runs, tmp_path, 
     assert len(per_run_tables) == 2                                    # latest values, latest images
     for t in per_run_tables:
         assert t["head"][1:] == names
-    assert len(page.figures) == 8
+    assert len(page.figures) == 9                                      # the guard selectivity plot too
     for fig in page.figures:
         for n in names:
             assert n in fig["alt"] and n in fig["caption"]
     # the labels matplotlib drew: one figure legend per plot, below the axes, naming every run
-    assert len(recorded["legends"]) == 8
+    assert len(recorded["legends"]) == 9
     for _, labels, loc in recorded["legends"]:
         assert labels[:3] == names and loc == "outside lower center"
     # one colour per run across all plots, and every run drawn in the loss plot

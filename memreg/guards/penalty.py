@@ -29,10 +29,16 @@ survives; ``tau_ema`` > 0 lets tau track the q-quantile of the probes as trainin
 
 Per-caption reference (``guard.reference``: base | population | base+population; ``none`` is the
 absolute tau above): the hinge acts on a caption's growth over its base-model value on the same
-probe noise and/or above a running robust threshold of all captions' recent probes, see
+probe noise and/or above a running robust threshold of all captions' latest probes, see
 :mod:`memreg.guards.reference`. ``term: auto`` means ``norm`` there. Every mode logs the firing
 rate of duplicated vs ordinary captions (``guard/fire_rate/<group>``) when the context knows the
 duplicated captions and the guard saw the batch captions (:meth:`PenaltyGuard.captions`).
+
+The defaults (README: measured on two data seeds, full fine-tuning and LoRA): ``reference:
+base+population``, the caption gate (``guard.gate``, :mod:`memreg.guards.gate`: a caption whose
+probe fires leaves the denoising loss of every later batch) and ``weight: 0``, so the probes run in a
+no-grad forward and only decide; a weight above 0 also adds the hinge, whose gradient pushes the
+probed norm back under the threshold and so hides the caption from the gate.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class ProbeBatch:
     captions: list[str] | None = None   # the probed captions (when the guard was given the batch's)
     base: Tensor | None = None          # reference modes: (k,) base values on the same noise (0: population)
     known: Tensor | None = None         # reference modes: (k,) bool, a base value exists for the caption
+    keys: Tensor | None = None          # (k,) int64 caption keys (memreg.guards.gate.caption_keys)
 
     @property
     def size(self) -> int:
@@ -611,6 +618,7 @@ class PenaltyGuard(Guard):
         if probe is None:
             return None
         probe.captions = None if caps is None else [caps[int(i)] for i in probe.index]
+        probe.keys = None if caps is None else caption_keys(probe.captions)
         if ref is not None:
             probe.base, probe.known = self._base_values(probe, draw)
         return probe
@@ -641,22 +649,14 @@ class PenaltyGuard(Guard):
             return self.ctx.run_unet(probe.sample, probe.timesteps, probe.embeds)
 
     def loss(self, batch: GuardBatch) -> GuardLoss:
-        pen, probe, self._probe = self.penalty, self._probe, None
+        probe, self._probe = self._probe, None
         pout = probe_out = None
         if probe is not None:
             probe_out = self._probe_output(batch, probe)
-            if self.reference is None:
-                gather = self.ctx.gather if pen.zscore == "batch" else None
-                pout = pen.compute(probe_out, probe, gather=gather)
-                if pen.tau_ema > 0:
-                    pen.update_tau(self.ctx.gather(pout.values))
-            else:
-                pout = self._relative(probe_out, probe)
-            if probe.captions is not None:
-                pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
+            pout = self._evaluate(probe_out, probe)
             if self.gate is not None:   # this step's verdicts act on this very batch
-                keys = caption_keys(probe.captions).to(pout.over.device)
-                self.gate.update(self.ctx.gather(keys).cpu(), self.ctx.gather(pout.over.to(torch.uint8)).cpu())
+                self.gate.update(self.ctx.gather(probe.keys.to(pout.over.device)).cpu(),
+                                 self.ctx.gather(pout.over.to(torch.uint8)).cpu())
         loss = self._denoising_loss(batch)
         res = GuardLoss(loss=loss, loss_mse=loss.detach())
         if pout is None:
@@ -666,6 +666,20 @@ class PenaltyGuard(Guard):
         self._outs.append(pout)
         res.loss = loss + pout.weighted
         return res
+
+    def _evaluate(self, probe_out: Tensor, probe: ProbeBatch) -> PenaltyOutput:
+        """The penalty and its verdicts on the probes' UNet output (absolute tau or the reference)."""
+        pen = self.penalty
+        if self.reference is None:
+            gather = self.ctx.gather if pen.zscore == "batch" else None
+            pout = pen.compute(probe_out, probe, gather=gather)
+            if pen.tau_ema > 0:
+                pen.update_tau(self.ctx.gather(pout.values))
+        else:
+            pout = self._relative(probe_out, probe)
+        if probe.captions is not None:
+            pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
+        return pout
 
     def _denoising_loss(self, batch: GuardBatch) -> Tensor:
         """The batch mean, or with the gate the weighted mean that leaves flagged captions out."""
@@ -689,7 +703,7 @@ class PenaltyGuard(Guard):
         loss, over = pen.relative_penalty(quantity, ref.threshold(), known)
         growth = torch.where(known, quantity.detach(), torch.full_like(quantity, math.nan))
         if ref.population is not None:
-            keys = None if probe.captions is None else self.ctx.gather(caption_keys(probe.captions).to(growth.device))
+            keys = None if probe.keys is None else self.ctx.gather(probe.keys.to(growth.device))
             ref.population.update(self.ctx.gather(growth.float().contiguous()), keys)
         return PenaltyOutput(loss=loss, weighted=pen.weight * loss, values=values.detach(), norm=norm.detach(),
                              over=over, growth=growth)

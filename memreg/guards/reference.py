@@ -7,10 +7,10 @@ is either never crossed or crossed by everyone. The reference modes penalise ins
 * ``base``: the growth ``g = s - s_base``, ``s_base`` the base model's value for the same caption
   on the same probe noise, above ``reference_margin``;
 * ``population``: ``s`` above a running robust threshold ``median + k * 1.4826 * MAD`` of the
-  recent probes of all captions (gathered over processes), so drift shared by every caption is
-  not penalised;
+  latest probe of each recently probed caption (gathered over processes), so drift shared by every
+  caption is not penalised, and a caption probed often (a duplicated one) counts once;
 * ``base+population``: the growth ``g`` above ``max(reference_margin, median + k * 1.4826 * MAD)``
-  of recent growths.
+  of the captions' latest growths (the default, with the caption gate: ``memreg.guards.gate``).
 
 Base values come from one of two sources (``reference_source``):
 
