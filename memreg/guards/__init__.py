@@ -9,9 +9,10 @@ Exports:
   :func:`concat_inputs` / :func:`split_output` fuse the guard's extra UNet inputs into the forward.
 * :func:`build_guard` (``guard.type`` -> guard), :func:`guard_config`, ``GUARDS`` (the registry).
 
-Guards: ``none``, ``penalty`` (:mod:`memreg.guards.penalty`), ``wen_filter``
+Guards: ``none``, ``penalty`` (:mod:`memreg.guards.penalty`; its per-caption reference in
+:mod:`memreg.guards.reference`, its caption gate in :mod:`memreg.guards.gate`), ``wen_filter``
 (:mod:`memreg.guards.wen_filter`), ``caption_noise`` (:mod:`memreg.guards.caption_noise`) and ``agc``
-(:mod:`memreg.guards.agc`). README "Add the guard to your own training loop" shows the ten lines a
+(:mod:`memreg.guards.agc`). README "Add the guard to your own training loop" shows the lines a
 training script needs.
 """
 

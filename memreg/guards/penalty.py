@@ -427,7 +427,7 @@ class PenaltyConfig:
                                                     # > PROBE_MEMORY_SHARE to the forward's samples
     # per-caption reference (memreg.guards.reference); none: the absolute tau above
     reference: str = "base+population"    # none | base | population | base+population
-    reference_source: str = "auto"        # base values: forward (LoRA adapters off / ctx.reference) | cache | auto
+    reference_source: str = "auto"        # base values: cache | forward (LoRA adapters off / ctx.reference) | auto
     reference_draws: int = 2              # cache: fixed noise draws per caption
     reference_margin: float = 0.0         # base: threshold on the growth; base+population: its floor (value units)
     population_k: float = 2.0             # population threshold: median + k * 1.4826 * MAD of recent probes
@@ -809,8 +809,9 @@ class PenaltyGuard(Guard):
 
 
 def build_reference(cfg, ctx: GuardContext) -> Reference | None:
-    """The configured reference (None for ``reference: none``); ``source: auto`` -> ``forward`` when
-    the context has a base model at hand (LoRA adapters or ``ctx.reference``), else ``cache``."""
+    """The configured reference (None for ``reference: none``); ``source: auto`` -> ``cache`` (LoRA
+    too: a per-step reference forward with the adapters off cost 1.38x step time at batch 4 in
+    ``scripts/bench_train.py``), ``forward`` when the trainer hands over a frozen copy (``ctx.reference``)."""
     if cfg.reference not in REFERENCES:
         raise ValueError(f"guard.reference must be one of {REFERENCES}, got {cfg.reference!r}")
     if cfg.reference_source not in SOURCES:
@@ -819,6 +820,6 @@ def build_reference(cfg, ctx: GuardContext) -> Reference | None:
         return None
     source = cfg.reference_source
     if source == "auto":
-        source = "forward" if ctx.reference is not None or getattr(ctx.unet, "peft_config", None) else "cache"
+        source = "forward" if ctx.reference is not None else "cache"
     return Reference(cfg.reference, source, draws=cfg.reference_draws, margin=cfg.reference_margin,
                      k=cfg.population_k, window=cfg.population_window, min_count=cfg.population_min, seed=ctx.seed)

@@ -434,6 +434,11 @@ def validate(cfg: TrainConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     validate_guard(cfg.guard)
+    g = cfg.guard
+    if (cfg.mode == "full" and g.type == "penalty" and g.reference_source == "forward"
+            and g.reference in ("base", "base+population")):
+        raise ConfigError("guard.reference_source: forward needs the base model next to the trained one; full "
+                          "fine-tuning keeps no frozen copy, use guard.reference_source: cache (or auto)")
 
 
 def validate_guard(g: GuardConfig) -> None:

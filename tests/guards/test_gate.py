@@ -46,6 +46,16 @@ def test_weighted_mean_by_hand():
     assert float(zero.detach()) == 0.0 and per.grad.tolist() == [0.0] * 4
 
 
+def test_forward_base_values_with_full_fine_tuning_are_refused_at_load_time():
+    from memreg.training.config import ConfigError, load_config
+
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    with pytest.raises(ConfigError, match="reference_source: forward"):
+        load_config(["--config", tiny, "--mode", "full", "--guard.type", "penalty", "--guard.reference_source",
+                     "forward"])
+    assert load_config(["--config", tiny, "--mode", "full", "--guard.type", "penalty"]).guard.reference_source == "auto"
+
+
 def test_gate_weight_out_of_range_is_refused():
     with pytest.raises(ValueError, match="gate_weight"):
         CaptionGate(weight=1.0)
@@ -156,19 +166,20 @@ def test_trainer_gates_flagged_captions_and_resumes_exactly(tiny_sd_eps, tiny_da
 
 
 def test_trainer_at_the_defaults_logs_the_gate_and_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
-    """guard.type penalty and nothing else: the caption gate on the base+population reference (LoRA:
-    base values from a forward with the adapters off), weight 0, probes every 2nd step."""
+    """guard.type penalty and nothing else: the caption gate on the base+population reference (base
+    values cached at calibration, LoRA too), weight 0, probes every 2nd step."""
     h = _training_helpers()
     kw = dict(guard__type="penalty", guard__population_min=1, guard__calibration_prompts=4,
               guard__calibration_seeds=1, checkpointing_steps=2)
     straight = h.run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **kw)
     g = straight.guard
-    assert g.gate is not None and g.reference.mode == "base+population" and g.reference.source == "forward"
+    assert g.gate is not None and g.reference.mode == "base+population" and g.reference.source == "cache"
     assert g.probe_forward == "measure" and g.penalty.every_n_steps == 2
     assert all(tags.guard_gate_rate("ordinary") in log for log in straight.logs)
     h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
     resumed = h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
     r = resumed.guard
     assert r.gate.flagged == g.gate.flagged and torch.equal(r.reference.population.buffer, g.reference.population.buffer)
+    assert torch.equal(r.reference.cache.values, g.reference.cache.values)
     a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

@@ -306,8 +306,9 @@ REF_ON = dict(guard__type="penalty", guard__gate=False, guard__every_n_steps=1, 
 def test_weight_zero_in_reference_mode_reproduces_the_plain_run(tiny_sd_eps, dup_data, tmp_path):
     h = _training_helpers()
     h.run(tiny_sd_eps, dup_data, tmp_path / "plain", steps=4, checkpointing_steps=2)
-    res = h.run(tiny_sd_eps, dup_data, tmp_path / "w0", steps=4, guard__weight=0.0, **REF_ON)
-    assert res.guard.probe_forward == "measure" and res.guard.reference.source == "forward"   # LoRA
+    res = h.run(tiny_sd_eps, dup_data, tmp_path / "w0", steps=4, guard__weight=0.0, guard__reference_source="forward",
+                **REF_ON)
+    assert res.guard.probe_forward == "measure" and res.guard.reference.source == "forward"   # LoRA adapters off
     assert all(tags.GUARD_THRESHOLD in log for log in res.logs)     # probes really ran every step
     assert any(tags.guard_fire_rate("ordinary") in log for log in res.logs)
     assert res.guard.ctx.duplicated_captions == {"a red circle"}
