@@ -750,10 +750,7 @@ class PenaltyGuard(Guard):
         if any(o.duplicated is None for o in outs):   # the guard was not given the batch captions
             return out
         dup = g(torch.cat([o.duplicated for o in outs]).float()).cpu() > 0
-        for i, group_mask in enumerate((dup, ~dup)):
-            self.fire_counts[2 * i] += float(over[group_mask].sum())
-            self.fire_counts[2 * i + 1] += float(group_mask.sum())
-        out.update({tags.guard_fire_rate(k): v for k, v in fire_rates(over > 0, dup).items()})
+        out.update({tags.guard_fire_rate(k): v for k, v in count_groups(self.fire_counts, over, dup).items()})
         return out
 
     def _gate_logs(self) -> dict[str, float]:
@@ -765,21 +762,14 @@ class PenaltyGuard(Guard):
         g = self.ctx.gather
         drop, dup = g(gated[0].float()).cpu(), g(gated[1].float()).cpu() > 0
         out = {tags.GUARD_GATE_FLAGGED: float(len(self.gate.flagged))}
-        for i, (group, mask) in enumerate(zip(tags.FIRE_GROUPS, (dup, ~dup))):
-            self.gate_counts[2 * i] += float(drop[mask].sum())
-            self.gate_counts[2 * i + 1] += float(mask.sum())
-            if bool(mask.any()):
-                out[tags.guard_gate_rate(group)] = float(drop[mask].mean())
+        out.update({tags.guard_gate_rate(k): v for k, v in count_groups(self.gate_counts, drop, dup).items()})
         return out
 
     def fire_rate_totals(self) -> dict[str, float]:
         """Firing rate per group over the whole run (nan: no probe of the group)."""
-        out = {}
-        for prefix, c in (("fire_rate", self.fire_counts), ("gate_rate", self.gate_counts if self.gate else None)):
-            if c is not None:
-                out.update({f"{prefix}_{k}": float(c[2 * i] / c[2 * i + 1]) if c[2 * i + 1] > 0 else math.nan
-                            for i, k in enumerate(tags.FIRE_GROUPS)})
-        return out
+        counts = {"fire_rate": self.fire_counts, **({"gate_rate": self.gate_counts} if self.gate else {})}
+        return {f"{prefix}_{k}": float(c[2 * i] / c[2 * i + 1]) if c[2 * i + 1] > 0 else math.nan
+                for prefix, c in counts.items() for i, k in enumerate(tags.FIRE_GROUPS)}
 
     def finish(self) -> dict[str, float]:
         """Re-score the calibration draws (same captions and noise) with the trained model."""
@@ -806,6 +796,16 @@ class PenaltyGuard(Guard):
         if self.gate is not None and state.get("gate") is not None:
             self.gate.load_state_dict(state["gate"])
             self.gate_counts = state["gate"]["counts"].double().cpu().clone()
+
+
+def count_groups(counts: Tensor, hit: Tensor, duplicated: Tensor) -> dict[str, float]:
+    """Add this step's hits and totals per group (duplicated, ordinary) to the run's ``counts``
+    ``(4,)`` = hits/total of each, in place; returns the step's rate per group present."""
+    hit, duplicated = hit.float().cpu(), duplicated.bool().cpu()
+    for i, mask in enumerate((duplicated, ~duplicated)):
+        counts[2 * i] += float(hit[mask].sum())
+        counts[2 * i + 1] += float(mask.sum())
+    return fire_rates(hit > 0, duplicated)
 
 
 def build_reference(cfg, ctx: GuardContext) -> Reference | None:
