@@ -100,6 +100,7 @@ class PenaltyOutput:
     over: Tensor         # (k,) bool: value above tau (reference modes: quantity above the threshold)
     growth: Tensor | None = None     # reference modes: (k,) value - base value, detached (nan: no base)
     duplicated: Tensor | None = None # (k,) bool: the probed caption belongs to a duplicated image
+    keys: Tensor | None = None       # caption keys of every process's probes, gathered for the gate/population
     force: float = 0.0               # guard.max_force: |penalty gradient| / |denoising gradient| at the UNet output
 
 
@@ -655,8 +656,7 @@ class PenaltyGuard(Guard):
             probe_out = self._probe_output(batch, probe)
             pout = self._evaluate(probe_out, probe)
             if self.gate is not None:   # this step's verdicts act on this very batch
-                self.gate.update(self.ctx.gather(probe.keys.to(pout.over.device)).cpu(),
-                                 self.ctx.gather(pout.over.to(torch.uint8)).cpu())
+                self.gate.update(pout.keys.cpu(), self.ctx.gather(pout.over.to(torch.uint8)).cpu())
         loss = self._denoising_loss(batch)
         res = GuardLoss(loss=loss, loss_mse=loss.detach())
         if pout is None:
@@ -670,13 +670,16 @@ class PenaltyGuard(Guard):
     def _evaluate(self, probe_out: Tensor, probe: ProbeBatch) -> PenaltyOutput:
         """The penalty and its verdicts on the probes' UNet output (absolute tau or the reference)."""
         pen = self.penalty
+        wanted = self.gate is not None or (self.reference is not None and self.reference.population is not None)
+        keys = self.ctx.gather(probe.keys.to(probe_out.device)) if wanted and probe.keys is not None else None
         if self.reference is None:
             gather = self.ctx.gather if pen.zscore == "batch" else None
             pout = pen.compute(probe_out, probe, gather=gather)
             if pen.tau_ema > 0:
                 pen.update_tau(self.ctx.gather(pout.values))
         else:
-            pout = self._relative(probe_out, probe)
+            pout = self._relative(probe_out, probe, keys)
+        pout.keys = keys
         if probe.captions is not None:
             pout.duplicated = self.ctx.is_duplicated(probe.captions).to(pout.values.device)
         return pout
@@ -693,9 +696,10 @@ class PenaltyGuard(Guard):
         self._gated.append(torch.stack([(w < 1).double(), self.ctx.is_duplicated(caps).double()]))
         return self.gate.weighted_mean(batch.per_sample, w)
 
-    def _relative(self, out: Tensor, probe: ProbeBatch) -> PenaltyOutput:
+    def _relative(self, out: Tensor, probe: ProbeBatch, keys: Tensor | None) -> PenaltyOutput:
         """Reference modes: the penalty on value - base against the reference's threshold (taken
-        before this step's probes join the population, so every process uses the same one)."""
+        before this step's probes join the population, so every process uses the same one);
+        ``keys``: the gathered caption keys of every process's probes (None: captions unknown)."""
         pen, ref = self.penalty, self.reference
         values, norm = pen.values_from_output(out, probe.latents)
         known = probe.known.to(values.device)
@@ -703,7 +707,6 @@ class PenaltyGuard(Guard):
         loss, over = pen.relative_penalty(quantity, ref.threshold(), known)
         growth = torch.where(known, quantity.detach(), torch.full_like(quantity, math.nan))
         if ref.population is not None:
-            keys = None if probe.keys is None else self.ctx.gather(probe.keys.to(growth.device))
             ref.population.update(self.ctx.gather(growth.float().contiguous()), keys)
         return PenaltyOutput(loss=loss, weighted=pen.weight * loss, values=values.detach(), norm=norm.detach(),
                              over=over, growth=growth)

@@ -27,7 +27,7 @@ import yaml
 from memreg.guards.agc import AGCConfig
 from memreg.guards.caption_noise import CaptionNoiseConfig
 from memreg.guards.penalty import GRAD_THROUGH, MODES, TERMS, ZSCORES, PenaltyConfig
-from memreg.guards.reference import REFERENCES, SOURCES
+from memreg.guards.reference import REFERENCES, SOURCES, uses_base
 from memreg.guards.registry import GUARDS
 from memreg.guards.wen_filter import WenFilterConfig
 from memreg.monitor_config import EvalConfig
@@ -436,7 +436,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_guard(cfg.guard)
     g = cfg.guard
     if (cfg.mode == "full" and g.type == "penalty" and g.reference_source == "forward"
-            and g.reference in ("base", "base+population")):
+            and uses_base(g.reference)):
         raise ConfigError("guard.reference_source: forward needs the base model next to the trained one; full "
                           "fine-tuning keeps no frozen copy, use guard.reference_source: cache (or auto)")
 
