@@ -12,12 +12,15 @@ import argparse
 import importlib
 import sys
 
+from memreg.errors import MemregError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("memreg.detect", "score memorized vs non-memorized prompt lists; AUC/TPR report"),
     "audit": ("memreg.audit.cli", "pre-flight memorization-risk report of a training set (duplicates, captions, scores)"),
     "report": ("memreg.report", "static HTML summary of training/monitoring runs (TensorBoard event files)"),
     "generate": ("memreg.generate_cli", "generate images, adapting memorized prompts first (score / Wen et al. / none)"),
+    "attack": ("memreg.attack.cli", "try to extract training images from a model (prompts, white-box embedding search) vs a never-seen control"),
 }
 
 
@@ -40,10 +43,17 @@ def _load(name: str):
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the brief's error shape: one line naming the option and the cause, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Top-level parser; only ``command``'s module is imported and gets its arguments added."""
-    parser = argparse.ArgumentParser(prog="memreg", description="memreg: memorization detection and guarding "
-                                     "for Stable Diffusion fine-tuning.")
+    parser = _Parser(prog="memreg", description="memreg: memorization detection and guarding "
+                     "for Stable Diffusion fine-tuning.")
     parser.add_argument("--version", action="version", version=f"memreg {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
@@ -82,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"memreg: error: {args._unavailable}", file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except MemregError as e:  # a command that let a user-fixable error through: still one line, exit 2
+        print(f"memreg {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from memreg.errors import MemregError
+from memreg.image_io import to_rgb
+
 SSIM_THRESHOLD = 0.5          # calibrated at resolution 32, max_shift 2; see the module docstring
 SSCD_THRESHOLD = 0.5
 SSCD_SMALL_EDGE = 288
@@ -87,7 +90,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CopyDetectorError(ValueError):
+class CopyDetectorError(MemregError, ValueError):
     """A copy detector that cannot be built (unknown name, missing or unreadable weights file)."""
 
 
@@ -105,7 +108,7 @@ def to_rgb_tensor(images: Sequence[Image.Image], size: int) -> Tensor:
     """(N, 3, size, size) uint8: each image center-cropped to a square, resized (bicubic), RGB."""
     arrs = []
     for im in images:
-        im = center_square(im.convert("RGB"))
+        im = center_square(to_rgb(im))
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
         arrs.append(np.asarray(im, dtype=np.uint8))
@@ -268,7 +271,7 @@ class SSCDDetector(_Base):
 
     def preprocess(self, image: Image.Image) -> Tensor:
         """(3, H, W) float: small edge resized to ``small_edge`` (bilinear, antialiased), ImageNet-normalized."""
-        im = image.convert("RGB")
+        im = to_rgb(image)
         w, h = im.size
         s = self.small_edge / min(w, h)
         size = (max(1, round(w * s)), max(1, round(h * s)))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -40,13 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memreg.argtypes import finite_float
+from memreg.errors import MemregError
 from memreg.metrics import DEFAULT_FPRS, detection_metrics, fpr_key, roc_points
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
 from memreg.prompt_io import PromptFileError, read_prompts
 from memreg.score import (NOISE_MODES, PRESETS, SPACES, AnisotropyScore, ddim_timesteps, noise_latents,  # noqa: F401
                           prompt_seed, wen_multistep_norm)
 from memreg.score import score_prompts as score_batches
-from memreg.sharding import (PARTS_DIR, OutDirError, apply_plan, busiest_seconds, plan_out, process_state,
+from memreg.sharding import (PARTS_DIR, apply_plan, busiest_seconds, plan_out, process_state,
                              read_part, run_shards, shard_ranges)
 
 OUTPUT_FILES = ("scores.jsonl", "report.json", "roc.png")
@@ -54,7 +55,7 @@ TERMS = ("norm", "align", "score", "wen")
 MEM_LABEL, NONMEM_LABEL = 1, 0
 
 
-class DetectError(ValueError):
+class DetectError(MemregError, ValueError):
     """Bad input to ``memreg detect`` (one line, names the file/field); the CLI exits with 2."""
 
 
@@ -214,8 +215,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet call (the call has 4x samples)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="paper weights: sd1 (g1=1, g2=2) or sd2 (g1=1, g2=0.1); default sd1 unless --g1/--g2")
-    p.add_argument("--g1", type=float, default=None, help="weight of the norm term (instead of --preset)")
-    p.add_argument("--g2", type=float, default=None, help="weight of the alignment term (instead of --preset)")
+    p.add_argument("--g1", type=finite_float, default=None, help="weight of the norm term (instead of --preset)")
+    p.add_argument("--g2", type=finite_float, default=None, help="weight of the alignment term (instead of --preset)")
     p.add_argument("--t-hi", type=int, default=None, help="norm timestep (default: first of 50 DDIM steps, 981 for SD)")
     p.add_argument("--t-lo", type=int, default=None, help="alignment timestep (default: third-to-last, 41 for SD)")
     p.add_argument("--space", choices=SPACES, default="eps",
@@ -233,7 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         run_detect(args)
-    except (DetectError, PromptFileError, ModelError, OutDirError) as e:
+    except MemregError as e:
         print(f"memreg detect: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -260,10 +261,6 @@ def _validate_args(args) -> None:
                           f"batches do not depend on the process count), got {args.shard_size}")
     if not 1 <= args.wen_steps <= 50:
         raise DetectError(f"--wen-steps must be in [1, 50], got {args.wen_steps}")
-    for name in ("g1", "g2"):
-        v = getattr(args, name)
-        if v is not None and not math.isfinite(v):
-            raise DetectError(f"--{name} must be finite, got {v}")
 
 
 def _read(path: str, flag: str):
@@ -350,12 +347,8 @@ def run_detect(args: argparse.Namespace) -> dict | None:
     from memreg.encoding import PromptEncoder
 
     t0 = time.perf_counter()
-    try:
-        comps = load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype,
-                                device=device, with_vae=False)
-    except OSError as e:  # hub id not cached / offline, missing weight files, bad revision or variant
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--model {args.model!r}: cannot load ({first})") from None
+    comps = load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype,
+                            device=device, with_vae=False)
     load_s = time.perf_counter() - t0
     try:
         scorer = AnisotropyScore(comps.unet, comps.scheduler, t_hi=args.t_hi, t_lo=args.t_lo,

@@ -18,29 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
+from memreg.image_io import ImageDecodeError, load_rgb
 
-class ImageLoadError(ValueError):
-    """A record whose image cannot be read; the message names the record and file."""
-
-
-def load_rgb(image: Any) -> Image.Image:
-    """A record's image as an RGB ``PIL.Image``: accepts a PIL image, a path, or an HxW(x3/4) uint8 array."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageLoadError(f"image file {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as e:
-            raise ImageLoadError(f"image file {str(path)!r} cannot be decoded ({e})") from None
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    raise ImageLoadError(f"unsupported image type {type(image).__name__}; expected PIL.Image, path or uint8 array")
+ImageLoadError = ImageDecodeError   # the name this module's callers catch; decoding is memreg.image_io's
 
 
 def content_hash(image: Any) -> str:

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from memreg.detect import DetectError, _read, _resolve_weights, _versions, add_runtime_arguments
+from memreg.argtypes import finite_float
+from memreg.detect import _read, _resolve_weights, _versions, add_runtime_arguments
+from memreg.errors import MemregError
 from memreg.mitigate import MODES, MitigationConfig, calibrate_config, generate_mitigated
 from memreg.models import ModelError, check_model_path, load_components, parse_dtype
-from memreg.prompt_io import PromptFileError
 
 RECORDS_FILE, SHEET_FILE, SETTINGS_FILE, IMAGE_DIR = "mitigation.jsonl", "contact_sheet.png", "settings.json", "images"
 SHEET_MAX, SHEET_CELL = 64, 96
 
 
-class GenerateError(ValueError):
+class GenerateError(MemregError, ValueError):
     """Bad input to ``memreg generate`` (one line); the CLI exits with 2."""
 
 
@@ -36,27 +37,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'caption'")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--mitigate", choices=MODES, default="score", help="score (memreg), wen (Wen et al. ICLR'24) or none")
-    p.add_argument("--tau", type=float, default=None, help="threshold (score) or target loss (wen) that flags a prompt")
-    p.add_argument("--target", type=float, default=None,
+    p.add_argument("--tau", type=finite_float, default=None, help="threshold (score) or target loss (wen) that flags a prompt")
+    p.add_argument("--target", type=finite_float, default=None,
                    help="with --tau: score where a flagged prompt's descent stops (default: tau)")
     p.add_argument("--calibrate", default=None,
                    help="ordinary (non-memorized) prompts: tau = their --tau-quantile, target = their "
                         "--target-quantile (instead of --tau/--target)")
-    p.add_argument("--tau-quantile", type=float, default=0.98, help="quantile for tau with --calibrate (default 0.98)")
-    p.add_argument("--target-quantile", type=float, default=0.25,
+    p.add_argument("--tau-quantile", type=finite_float, default=0.98, help="quantile for tau with --calibrate (default 0.98)")
+    p.add_argument("--target-quantile", type=finite_float, default=0.25,
                    help="quantile for the stop target with --calibrate and --mitigate score (default 0.25; "
                         "wen stops at its tau, as published)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images (seeds) per prompt")
     p.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses SEED + i*N + j")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance-scale", type=finite_float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--max-steps", type=int, default=10, help="optimisation step budget per prompt")
-    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate on the embedding")
+    p.add_argument("--lr", type=finite_float, default=0.05, help="AdamW learning rate on the embedding")
     p.add_argument("--draws", type=int, default=4, help="pure-noise draws per prompt and step (score)")
     p.add_argument("--freeze-padding", action="store_true", help="move only the prompt's tokens and EOS, not padding")
     p.add_argument("--preset", choices=["sd1", "sd2"], default=None, help="score weights (default: sd2 for v-prediction models, else sd1; or --g1/--g2)")
-    p.add_argument("--g1", type=float, default=None, help="weight of the norm term")
-    p.add_argument("--g2", type=float, default=None, help="weight of the alignment term")
+    p.add_argument("--g1", type=finite_float, default=None, help="weight of the norm term")
+    p.add_argument("--g2", type=finite_float, default=None, help="weight of the alignment term")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
     add_runtime_arguments(p)
 
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         run_generate(args)
-    except (GenerateError, DetectError, PromptFileError, ModelError) as e:
+    except MemregError as e:
         print(f"memreg generate: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -76,6 +77,8 @@ def _validate(args) -> None:
             raise GenerateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps < 0 or not args.lr > 0:
         raise GenerateError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
+    if args.guidance_scale < 0:
+        raise GenerateError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if not 0 <= args.target_quantile <= args.tau_quantile <= 1:
         raise GenerateError(f"need 0 <= --target-quantile <= --tau-quantile <= 1, got {args.target_quantile} and "
                             f"{args.tau_quantile}")
@@ -108,11 +111,7 @@ def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
 
 
 def _load(args, device, dtype):
-    try:
-        return load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
-    except OSError as e:  # hub id not cached / offline, missing weight files, bad revision or variant
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--model {args.model!r}: cannot load ({first})") from None
+    return load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
 
 
 def run_generate(args: argparse.Namespace) -> dict:

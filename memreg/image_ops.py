@@ -12,9 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+from memreg.image_io import to_rgb
 
 
 def resize_shorter(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:

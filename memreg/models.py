@@ -13,13 +13,16 @@ from typing import Any
 
 import torch
 
+from memreg.errors import MemregError, one_line
+
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(MemregError, ValueError):
     """A checkpoint that cannot be used, with the reason in the message."""
 
 
@@ -44,6 +47,12 @@ def check_model_path(model: str, need: tuple[str, ...] = REQUIRED_SUBFOLDERS) ->
     for sub in need:
         if not (path / sub).is_dir():
             raise ModelError(f"model dir {model!r} has no {sub}/ subfolder (not a diffusers SD pipeline)")
+        if sub in WEIGHT_SUBFOLDERS and not any((path / sub).glob("*.safetensors")):
+            pickled = sorted(f.name for f in (path / sub).glob("*.bin"))
+            cause = (f"holds only pickled weights ({', '.join(pickled)}); memreg loads safetensors only: convert the "
+                     "model (diffusers: pipe.save_pretrained(dir, safe_serialization=True))" if pickled
+                     else "has no .safetensors weights")
+            raise ModelError(f"model dir {model!r}: {sub}/ {cause}")
 
 
 @dataclass
@@ -77,11 +86,14 @@ def load_components(
     dtype = parse_dtype(dtype)
     kw = dict(revision=revision)
     wkw = dict(kw, variant=variant, use_safetensors=True)
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **wkw)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **wkw)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **wkw) if with_vae else None
-    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **wkw)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **wkw)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **wkw) if with_vae else None
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
+    except OSError as e:  # hub id offline / not cached, missing weight files, bad revision or variant
+        raise ModelError(f"model {model!r}: cannot load ({one_line(e)})") from None
     for m in (text_encoder, unet, vae):
         if m is not None:
             m.to(device).eval().requires_grad_(False)

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from memreg import log_tags as tags
-from memreg.duplicates import DuplicateIndex, find_duplicates, first_caption, load_rgb
+from memreg.duplicates import DuplicateIndex, find_duplicates, first_caption
+from memreg.image_io import load_rgb
 from memreg.monitor_config import EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -141,11 +142,13 @@ class MemorizationMonitor:
             here, scalars to ``writer`` if given.
         output_dir: where per-step JSON results go (``output_dir/memorization``); None: not written.
         writer: a SummaryWriter to use instead of the accelerator's TensorBoard tracker.
+        dup_index: the run's duplicate index of ``train_records`` when the caller already built one (the
+            trainer shares one with the guard); None: built here on first use.
     """
 
     def __init__(self, cfg: EvalConfig | dict, components, train_records: Sequence[dict] = (),
                  heldout_records: Sequence[dict] | None = None, accelerator=None,
-                 output_dir: str | Path | None = None, writer=None):
+                 output_dir: str | Path | None = None, writer=None, dup_index: DuplicateIndex | None = None):
         if isinstance(cfg, dict):
             unknown = set(cfg) - {f.name for f in dataclasses.fields(EvalConfig)}
             if unknown:
@@ -161,7 +164,7 @@ class MemorizationMonitor:
         self._writer_override = writer
         self._warned_no_writer = False
         self._groups: dict[str, list[EvalPrompt]] | None = None
-        self._dup_index: DuplicateIndex | None = None
+        self._dup_index: DuplicateIndex | None = dup_index
         self._file_prompts: dict[str, list[str]] = {}
         self._detector = None
         self._refs: tuple[torch.Tensor, list[int], dict[str, int]] | None = None

@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from memreg.errors import MemregError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(MemregError, ValueError):
     """A prompt file that cannot be used; the message names the file (and line)."""
 
 

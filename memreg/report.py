@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memreg import log_tags
+from memreg.errors import MemregError
 
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".memreg-report"
@@ -29,7 +30,7 @@ TERMS = ("norm", "align", "score")
 TERM_STYLES = {"score": "-", "norm": "--", "align": ":"}
 
 
-class ReportError(ValueError):
+class ReportError(MemregError, ValueError):
     """Bad report input; the message says which path and why."""
 
 

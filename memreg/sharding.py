@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from memreg.errors import MemregError
+
 PARTS_DIR = "parts"
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -26,7 +28,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 ShardWork = Callable[[int, int], "tuple[dict, Iterable[dict]]"]
 
 
-class OutDirError(ValueError):
+class OutDirError(MemregError, ValueError):
     """``--out`` holds finished outputs or parts of other settings; one line, the CLI exits with 2."""
 
 

@@ -1,6 +1,7 @@
 """Benchmark ``memreg audit`` in one run and print ratios.
 
     python scripts/bench_audit.py [--work DIR] [--scale-rows 512] [--mem-rows 10000 100000] [--pairs-rows 20000]
+    python scripts/bench_audit.py --recall [--recall-side 128] [--recall-seeds 3] --scale-rows 0 --mem-rows --pairs-rows 20000
 
 1. captions/s and images/s for 1 vs 2 processes (``accelerate launch``, CPU/gloo where there is
    no GPU) on ``--scale-rows`` synthetic rows with the tiny SD pipeline of ``memreg.testing``;
@@ -10,9 +11,15 @@
    memory-mapped Arrow table the audit has read (the kernel can drop them; they grow with N), so
    the anonymous figure is the one that shows whether per-row data is held (should stay flat;
    the merge adds the hash index);
-3. near-duplicate search at ``--pairs-rows`` codes: faiss multi-index hash vs all pairs, both as
-   vectorised numpy (``near_pairs_bruteforce``) and as faiss's compiled brute force
-   (``IndexBinaryFlat.range_search``); all three give the same pairs.
+3. near-duplicate search at ``--pairs-rows`` images: one pHash a row (the audit before views)
+   by faiss's multi-index hash, by vectorised numpy over all pairs and by faiss's compiled brute
+   force (``IndexBinaryFlat``, what ``near_pairs`` uses), which give the same pairs; then the view
+   codes of ``memreg.audit.near_dup`` (query views of every row against index views of every row)
+   by ``near_pairs`` against numpy (same pairs), and the hashing rate of one pHash vs the views;
+4. ``--recall``: recall per planted transformation (each copy within the threshold of its
+   original), wrong pairs and originals merged into one cluster, before (one pHash a row) and
+   after (the views), on copies of scikit-image photos; and the false pairs among the demo
+   world's procedural scenes (all distinct images), before and after.
 
 Synthetic rows: 32x32 PNGs of random 8x8 colour blocks (coarser blocks give pHashes so alike that
 near-duplicate links chain most rows into one cluster) in a parquet shard, 10% of them exact
@@ -125,41 +132,172 @@ def bench_memory(work: Path, sizes: list[int]) -> list[str]:
     return lines
 
 
-def bench_pairs(n: int, threshold: int) -> list[str]:
-    from memreg.audit.near_dup import near_pairs, near_pairs_bruteforce
+BEFORE_THRESHOLD = 10  # bits of 64: the audit's one-pHash default before views
 
-    rng = np.random.default_rng(3)
-    codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
+
+def _planted_codes(rng: np.random.Generator, n: int, views: int, nbytes: int) -> np.ndarray:
+    """``n`` random codes (``views`` of ``nbytes`` a row) plus ``n // 10`` copies of random rows with
+    4 bits of view 0 flipped (their other views random): (n + n // 10, views, nbytes)."""
+    codes = rng.integers(0, 256, size=(n, views, nbytes), dtype=np.uint8)
     src = rng.integers(0, n, size=n // 10)
-    flips = rng.integers(0, 64, size=(len(src), 4))
-    planted = codes[src].copy()
-    for k, bits in enumerate(flips):
+    planted = rng.integers(0, 256, size=(len(src), views, nbytes), dtype=np.uint8)
+    planted[:, 0] = codes[src, 0]
+    for k, bits in enumerate(rng.integers(0, nbytes * 8, size=(len(src), 4))):
         for b in bits:
-            planted[k, b // 8] ^= np.uint8(1 << (b % 8))
-    codes = np.concatenate([codes, planted])
+            planted[k, 0, b // 8] ^= np.uint8(1 << (b % 8))
+    return np.concatenate([codes, planted])
+
+
+def _timed(fn, *args):
     t0 = time.perf_counter()
-    fast = near_pairs(codes, threshold)
-    t1 = time.perf_counter()
-    slow = near_pairs_bruteforce(codes, threshold)
-    t2 = time.perf_counter()
-    flat = _faiss_flat_pairs(codes, threshold)
-    t3 = time.perf_counter()
-    same = {tuple(p) for p in fast} == {tuple(p) for p in slow} == {tuple(p) for p in flat}
-    return [f"near-duplicate search, {len(codes)} codes, threshold {threshold}, {len(fast)} pairs, identical: {same}",
-            f"  faiss multi-hash {t1 - t0:.3f}s | all pairs: numpy {t2 - t1:.3f}s ({(t2 - t1) / (t1 - t0):.1f}x the "
-            f"multi-hash), faiss IndexBinaryFlat {t3 - t2:.3f}s ({(t3 - t2) / (t1 - t0):.2f}x the multi-hash)"]
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
-def _faiss_flat_pairs(codes: np.ndarray, threshold: int) -> np.ndarray:
-    """All pairs within ``threshold`` by faiss's compiled brute force (the fair all-pairs baseline)."""
+def bench_pairs(n: int, threshold: int) -> list[str]:
+    from memreg.audit.near_dup import HASH_BYTES, INDEX_VIEWS, QUERY_VIEWS, VIEWS, near_pairs, near_pairs_bruteforce
+
+    single = _planted_codes(np.random.default_rng(3), n, 1, 8)[:, 0]
+    multi, t_multi = _timed(_faiss_multihash_pairs, single, BEFORE_THRESHOLD)
+    slow, t_slow = _timed(near_pairs_bruteforce, single, BEFORE_THRESHOLD)
+    flat, t_flat = _timed(near_pairs, single, BEFORE_THRESHOLD)
+    same = _pair_set(multi) == _pair_set(slow) == _pair_set(flat)
+    views = _planted_codes(np.random.default_rng(3), n, len(VIEWS), HASH_BYTES)
+    fast_v, t_fast_v = _timed(near_pairs, views, threshold)
+    m = min(len(views), 5000)   # numpy over all view pairs of 20k rows takes minutes: check on a prefix
+    part, t_part = _timed(near_pairs, views[:m], threshold)
+    slow_v, t_slow_v = _timed(near_pairs_bruteforce, views[:m], threshold)
+    return [f"near-duplicate search, {len(single)} images (before: one 64-bit pHash a row, {BEFORE_THRESHOLD} bits; "
+            f"after: {len(VIEWS)} views of {HASH_BYTES * 8} bits, {threshold} bits):",
+            f"  one pHash a row ({len(flat)} pairs, identical: {same}): faiss multi-hash {t_multi:.3f}s (before) | "
+            f"all pairs: numpy {t_slow:.3f}s ({t_slow / t_multi:.1f}x), faiss IndexBinaryFlat {t_flat:.3f}s "
+            f"({t_flat / t_multi:.2f}x)",
+            f"  views ({len(QUERY_VIEWS)} query x {len(INDEX_VIEWS)} index codes a row, {len(fast_v)} pairs): "
+            f"near_pairs (IndexBinaryFlat) {t_fast_v:.3f}s (after; {t_fast_v / t_multi:.2f}x the multi-hash before) | "
+            f"first {m} rows: identical to numpy {_pair_set(part) == _pair_set(slow_v)}, near_pairs {t_part:.3f}s, "
+            f"numpy {t_slow_v:.3f}s"]
+
+
+def _pair_set(pairs: np.ndarray) -> set:
+    return {tuple(p) for p in pairs.tolist()}
+
+
+def _faiss_multihash_pairs(codes: np.ndarray, threshold: int, nhash: int = 4) -> np.ndarray:
+    """All pairs within ``threshold`` by faiss's multi-index hash: the audit's search before views.
+
+    ``nhash`` substrings of 16 bits; by pigeonhole two codes at distance ``d`` share a substring
+    within ``d // nhash`` flips, so ``nflip = threshold // nhash`` finds every pair."""
     import faiss
 
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index = faiss.IndexBinaryMultiHash(codes.shape[1] * 8, nhash, codes.shape[1] * 8 // nhash)
+    index.nflip = threshold // nhash
     index.add(codes)
     lims, _, ids = index.range_search(codes, threshold + 1)
     q = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(lims).astype(np.int64))
     keep = q < ids
     return np.stack([q[keep], ids[keep].astype(np.int64)], axis=1)
+
+
+# scikit-image photos bundled with the package (no download); ``cat`` is ``chelsea``, and
+# ``stereo_motorcycle``'s two views are near-duplicates of each other, so both are left out
+RECALL_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                 "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+                 "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")
+RECALL_TRANSFORMS = ("crop_centre", "crop_offcentre", "jpeg", "brightness", "contrast", "pad", "resize", "hflip",
+                     "crop", "jitter")
+
+
+def bench_hashing(side: int, repeat: int) -> list[str]:
+    """Hashing rate (images/s) of one pHash vs the views, on the photos at ``side`` px."""
+    from memreg.audit.near_dup import phash_code, view_codes
+    from memreg.demo.data import load_photo
+
+    photos = [load_photo(n, side) for n in RECALL_PHOTOS] * repeat
+    _, t_one = _timed(lambda: [phash_code(p) for p in photos])
+    _, t_views = _timed(lambda: [view_codes(p) for p in photos])
+    _, t_shard = _timed(lambda: [(phash_code(p), view_codes(p)) for p in photos])
+    m = len(photos)
+    return [f"hashing {m} photos of {side} px: one pHash {m / t_one:.0f} images/s (before) | views "
+            f"{m / t_views:.0f} images/s ({t_views / t_one:.2f}x the time) | a shard's row, pHash + views, "
+            f"{m / t_shard:.0f} images/s ({t_shard / t_one:.2f}x)"]
+
+
+def _planted(photos, transforms, seeds: int, rule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (M, V, 8), owner, kind) of the photos and ``seeds`` copies of each per transform."""
+    from memreg.audit.near_dup import planted_copy
+
+    rng = np.random.default_rng(0)
+    codes, owner, kind = [rule.hasher(p) for p in photos], list(range(len(photos))), ["original"] * len(photos)
+    for k, p in enumerate(photos):
+        for t in transforms:
+            for _ in range(seeds):
+                codes.append(rule.hasher(planted_copy(p, t, rng)))
+                owner.append(k)
+                kind.append(t)
+    return np.stack(codes), np.array(owner), np.array(kind)
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(g, directed=False)[1]
+
+
+def recall_stats(codes, owner, kind, rule, threshold: int) -> dict:
+    """Per-transform recall (copy within ``threshold`` of its original), wrong pairs (different
+    originals' images found as a pair) and originals sharing a cluster with another original."""
+    from memreg.audit.near_dup import near_pairs, view_distance
+
+    copies = np.flatnonzero(kind != "original")
+    d = view_distance(codes[copies], codes[owner[copies]], rule.query, rule.index)
+    pairs = near_pairs(codes, threshold, rule.query, rule.index)
+    comp = _components(len(codes), pairs)
+    n_orig = int(np.sum(kind == "original"))
+    _, per_comp = np.unique(comp[:n_orig], return_counts=True)
+    return {"recall": {t: float(np.mean(d[kind[copies] == t] <= threshold)) for t in dict.fromkeys(kind[copies])},
+            "all": float(np.mean(d <= threshold)),
+            "wrong_pairs": int(np.sum(owner[pairs[:, 0]] != owner[pairs[:, 1]])) if len(pairs) else 0,
+            "merged_originals": int(per_comp[per_comp > 1].sum())}
+
+
+def demo_false_pairs(n: int, resolution: int, rule, threshold: int, p_position: float = 0.0) -> tuple[int, int]:
+    """(pairs found, all pairs) among ``n`` distinct procedural scenes of the demo world."""
+    from memreg.audit.near_dup import near_pairs
+    from memreg.demo.data import WorldConfig, scene_rows
+
+    rows = scene_rows(n, np.random.default_rng(resolution), WorldConfig(p_position=p_position), resolution,
+                      "s", "unique", set())
+    codes = np.stack([rule.hasher(img) for img, _ in rows])
+    return len(near_pairs(codes, threshold, rule.query, rule.index)), n * (n - 1) // 2
+
+
+def bench_recall(side: int, seeds: int, threshold: int, scenes: int) -> list[str]:
+    from memreg.audit.near_dup import PLAIN_RULE, VIEW_RULE
+    from memreg.demo.data import load_photo
+
+    photos = [load_photo(n, side) for n in RECALL_PHOTOS]
+    rules = {"before": PLAIN_RULE, "after": VIEW_RULE}
+    bits = {"before": BEFORE_THRESHOLD, "after": threshold}
+    stats = {k: recall_stats(*_planted(photos, RECALL_TRANSFORMS, seeds, r), r, bits[k]) for k, r in rules.items()}
+    lines = [f"near-duplicate recall: {len(photos)} scikit-image photos of {side} px, {seeds} copies each per "
+             f"transformation (before: one 64-bit pHash a row, {BEFORE_THRESHOLD} bits; after: the views, "
+             f"{threshold} bits of 128)",
+             "  | transformation | before | after |", "  |---|---|---|"]
+    for t in RECALL_TRANSFORMS:
+        lines.append(f"  | {t} | {stats['before']['recall'][t]:.2f} | {stats['after']['recall'][t]:.2f} |")
+    lines.append(f"  | all | {stats['before']['all']:.3f} | {stats['after']['all']:.3f} |")
+    for key in ("wrong_pairs", "merged_originals"):
+        lines.append(f"  | {key.replace('_', ' ')} | {stats['before'][key]} | {stats['after'][key]} |")
+    lines.append(f"false pairs among {scenes} distinct demo scenes (pairs found / all pairs):")
+    for res in (16, 32):
+        for p_pos in (0.0, 1.0):
+            got = {k: demo_false_pairs(scenes, res, r, bits[k], p_pos) for k, r in rules.items()}
+            total = got["before"][1]
+            lines.append(f"  {res} px, p_position {p_pos}: before {got['before'][0]} ({got['before'][0] / total:.2e}) "
+                         f"| after {got['after'][0]} ({got['after'][0] / total:.2e})")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -170,11 +308,19 @@ def main(argv=None) -> int:
     p.add_argument("--scale-rows", type=int, default=512, help="0: skip the 1 vs 2 processes run")
     p.add_argument("--mem-rows", type=int, nargs="*", default=[10_000, 100_000], help="none: skip")
     p.add_argument("--pairs-rows", type=int, default=20_000, help="0: skip the near-duplicate search")
+    p.add_argument("--recall", action="store_true", help="recall per planted transformation, before vs after")
+    p.add_argument("--recall-side", type=int, default=128, help="photo side for --recall and the hashing rate")
+    p.add_argument("--recall-seeds", type=int, default=3, help="copies per photo and transformation")
+    p.add_argument("--demo-scenes", type=int, default=400, help="demo scenes for the false-pair rate")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         if args.pairs_rows:
             print("\n".join(bench_pairs(args.pairs_rows - args.pairs_rows // 11, DEFAULT_THRESHOLD)), flush=True)
+            print("\n".join(bench_hashing(512, 10) + bench_hashing(args.recall_side, 10)), flush=True)
+        if args.recall:
+            print("\n".join(bench_recall(args.recall_side, args.recall_seeds, DEFAULT_THRESHOLD, args.demo_scenes)),
+                  flush=True)
         if args.mem_rows:
             print("\n".join(bench_memory(work, args.mem_rows)), flush=True)
         if args.scale_rows:

@@ -10,7 +10,9 @@ given an MPI hostfile (``--mpirun_hostfile``); ``launch --multi_gpu --num_proces
 machine without GPUs runs N processes and the trainer switches to DDP on CPU (gloo) by itself.
 
 Flags are diffusers' text-to-image flag names; nested keys use dots (``--guard.type penalty``,
-``--guard.weight 0.5``, ``--eval.enabled true``). Everything lives in ``memreg.training``.
+``--guard.weight 0.5``, ``--eval.enabled true``). Caption augmentation and repeats take kohya-ss'
+names (``--shuffle_caption --keep_tokens 1 --caption_tag_dropout_rate 0.1 --num_repeats 10``;
+``memreg.training.captions``). Everything lives in ``memreg.training``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memreg.training.config import ConfigError, load_config  # noqa: E402
+from memreg.errors import MemregError  # noqa: E402
+from memreg.training.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None):
-    from memreg.training.checkpoint import CheckpointError
-    from memreg.training.data import DataError
-    from memreg.models import ModelError
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None):
         from memreg.training.loop import train
 
         return train(cfg)
-    except (ConfigError, DataError, CheckpointError, ModelError) as e:
+    except MemregError as e:  # bad input, a full disk, a non-finite step: one line, exit 2
         if __name__ == "__main__":
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(2)

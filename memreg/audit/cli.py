@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from memreg.audit import merge, outputs
-from memreg.audit.near_dup import DEFAULT_THRESHOLD, calibrate
+from memreg.audit.near_dup import CALIBRATION_COPIES, DEFAULT_THRESHOLD, calibrate, hash_settings
 from memreg.audit.scoring import CaptionScorer, ScoreSettings, check_model
 from memreg.audit.shards import PARTS_DIR, read_header, run_shards, shard_ranges
 from memreg.audit.source import AuditInputError, AuditSource, open_rgb
-from memreg.models import ModelError
+from memreg.errors import MemregError
 from memreg.score import PRESETS
-from memreg.sharding import (OutDirError, apply_plan, busiest_seconds, peak_rss_mb, plan_out, process_state,
+from memreg.sharding import (apply_plan, busiest_seconds, peak_rss_mb, plan_out, process_state,
                              rss_anon_mb)
 
 OUTPUT_FILES = ("audit.json", "clusters.jsonl", "captions.jsonl", "unreadable.jsonl", "audit.html")
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--no-score", action="store_true", help="skip the per-caption score (no --model needed)")
     p.add_argument("--phash-threshold", type=int, default=DEFAULT_THRESHOLD,
-                   help=f"near-duplicate: pHash Hamming distance <= this many bits of 64 (default {DEFAULT_THRESHOLD})")
+                   help="near-duplicate: a view's pHash+dHash within this many bits of 128 of a view of the other "
+                   f"image (views: the image, its mirror, 90%% windows; memreg.audit.near_dup; default {DEFAULT_THRESHOLD})")
     p.add_argument("--min-cluster", type=int, default=2, help="clusters of at least this many rows are listed")
     p.add_argument("--calibration-images", type=int, default=64,
                    help="images of the dataset that get planted copies to measure recall/precision (0: skip)")
@@ -52,12 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=20, help="highest-scoring captions listed besides repeats; "
                    "clusters shown in audit.html")
     p.add_argument("--overwrite", action="store_true", help="replace a finished report in --out")
+    p.add_argument("--allow-external-files", action="store_true",
+                   help="let metadata.jsonl name files outside --data (../ paths, symbolic links); refused by default")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         run_audit(args)
-    except (AuditInputError, ModelError, OutDirError) as e:
+    except MemregError as e:
         print(f"memreg audit: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -82,7 +85,7 @@ def fingerprint(args, num_rows: int) -> dict:
     return {"data": str(Path(args.data).resolve()), "rows": num_rows, "split": args.split,
             "image_column": args.image_column, "caption_column": args.caption_column,
             "shard_size": args.shard_size, "model": model, "seeds": args.seeds,
-            "batch_size": args.batch_size, "preset": args.preset, "dtype": args.dtype}
+            "batch_size": args.batch_size, "preset": args.preset, "dtype": args.dtype, "near_dup": hash_settings()}
 
 
 def release_arrow_memory() -> None:
@@ -104,7 +107,8 @@ def run_audit(args: argparse.Namespace) -> dict | None:
     _validate(args)
     release_arrow_memory()
     with state.main_process_first():  # the imagefolder/parquet Arrow cache is built once
-        source = AuditSource(args.data, args.image_column, args.caption_column, args.split)
+        source = AuditSource(args.data, args.image_column, args.caption_column, args.split,
+                             allow_external_files=args.allow_external_files)
     out = Path(args.out)
     fp = fingerprint(args, len(source))
     action = plan_out(out, fp, args.overwrite, OUTPUT_FILES, "an audit")
@@ -133,7 +137,7 @@ def _calibration(args, source: AuditSource, labels: np.ndarray) -> dict:
     if args.calibration_images == 0 or len(reps) < 2:
         return {"skipped": "needs --calibration-images >= 2 and 2 distinct readable images"}
     images = [open_rgb(source.row(int(i)).image) for i in reps]
-    return calibrate(images, args.phash_threshold).to_dict()
+    return calibrate(images, args.phash_threshold, per_image=CALIBRATION_COPIES).to_dict()
 
 
 def _throughput(out: Path, num_shards: int) -> dict:
@@ -155,6 +159,9 @@ def build_report(args, source: AuditSource, out: Path, fp: dict, shard_peak: flo
     n = len(source)
     t0 = time.perf_counter()
     idx = merge.read_index(out, n, args.shard_size, out / "unreadable.jsonl")
+    if idx.unreadable == n:  # as training refuses it: an audit of nothing is no all-clear
+        raise AuditInputError(f"--data {args.data!r}: none of its {n} images could be read; the causes are "
+                              f"listed in {out / 'unreadable.jsonl'}")
     labels, n_pairs, n_images = merge.cluster_rows(idx, args.phash_threshold)
     table = merge.rank_clusters(idx, labels, args.min_cluster)
     members, groups = outputs.collect(out, n, args.shard_size, labels, table,

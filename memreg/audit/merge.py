@@ -1,12 +1,13 @@
 """Merge the shard files into the report: clusters, caption repeats, risk ranking.
 
-Memory: the merge keeps a fixed-size index per row (content-hash key, 64-bit pHash, two caption
-keys, the score: ~40 bytes) -- "the hash index" -- and reads texts again, streamed, only for the
-clusters and caption groups it writes out.
+Memory: the merge keeps a fixed-size index per row (content-hash key, the 16-byte hashes of the
+seven near-duplicate views, two caption keys, the score: ~150 bytes) -- "the hash index" -- and
+reads texts again, streamed, only for the clusters and caption groups it writes out.
 
 * **Clusters**: rows whose decoded pixels are equal (sha256) are one image; images whose pHashes
-  are within ``threshold`` bits (faiss search, :func:`memreg.audit.near_dup.near_pairs`) are
-  linked, and the connected components (``scipy.sparse.csgraph``) are the clusters.
+  are near-duplicates (a view of one within ``threshold`` bits of a view of the other, the rule
+  and the faiss search of :func:`memreg.audit.near_dup.near_pairs`) are linked, and the connected
+  components (``scipy.sparse.csgraph``) are the clusters.
 * **Risk** of a cluster ``= log2(1 + size) * (1 + q)``, ``q`` the fraction of scored rows whose
   caption scores below the cluster's highest caption score: copies count first (memorization grows
   with duplication), and the base model's reaction to the caption scales it by up to 2x.
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from memreg.audit.captions import normalize_caption, text_key
-from memreg.audit.near_dup import HASH_BYTES, near_pairs
+from memreg.audit.near_dup import HASH_BYTES, VIEWS, near_pairs
 from memreg.audit.shards import read_shard, shard_ranges
 
 MAX_LISTED = 100  # unreadable images listed in audit.json (all go to unreadable.jsonl)
@@ -33,7 +34,7 @@ class RowIndex:
 
     ok: np.ndarray          # bool: image readable
     sha: np.ndarray         # uint64: first 8 bytes of the content sha256
-    codes: np.ndarray       # uint8 (N, 8): pHash
+    codes: np.ndarray       # uint8 (N, V, B): hashes of the views (near_dup.VIEWS); (N, B): one hash a row
     cap_exact: np.ndarray   # int64 key of the caption text (0: empty caption)
     cap_norm: np.ndarray    # int64 key of the normalised caption
     score: np.ndarray       # float64, NaN where not scored
@@ -43,7 +44,7 @@ class RowIndex:
 def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path) -> RowIndex:
     """Pass 1 over the shards: the per-row arrays; unreadable rows are streamed to ``unreadable_path``."""
     n = num_rows
-    idx = RowIndex(np.zeros(n, bool), np.zeros(n, np.uint64), np.zeros((n, HASH_BYTES), np.uint8),
+    idx = RowIndex(np.zeros(n, bool), np.zeros(n, np.uint64), np.zeros((n, len(VIEWS), HASH_BYTES), np.uint8),
                    np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, np.nan), 0)
     with unreadable_path.open("w", encoding="utf-8") as bad:
         for k in range(len(shard_ranges(num_rows, shard_size))):
@@ -52,7 +53,7 @@ def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path)
                 if x["error"] is None:
                     idx.ok[i] = True
                     idx.sha[i] = int(x["sha256"][:16], 16)
-                    idx.codes[i] = np.frombuffer(bytes.fromhex(x["phash"]), np.uint8)
+                    idx.codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), HASH_BYTES)
                 else:
                     idx.unreadable += 1
                     bad.write(f'{{"row": {i}, "name": {_json(x["name"])}, "error": {_json(x["error"])}}}\n')

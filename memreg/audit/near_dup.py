@@ -1,32 +1,55 @@
-"""Near-duplicate images: 64-bit perceptual hashes searched with a faiss multi-index hash.
+"""Near-duplicate images: several 128-bit perceptual hashes per image ("views"), searched with faiss.
 
-* **Hash**: ``imagehash.phash`` (DCT of a 32x32 greyscale thumbnail, 8x8 low frequencies
-  thresholded at their median), packed to 8 bytes. Resizing, JPEG re-encoding and colour jitter
-  move it by a few bits; a small crop by a few more.
-* **Search**: two images are near-duplicates when the Hamming distance of their hashes is
-  ``<= threshold``. ``faiss.IndexBinaryMultiHash`` splits the 64 bits into ``NHASH`` substrings of
-  16 bits, each a hash table; a query probes every bucket within ``nflip`` bit flips of each of its
-  substrings. By pigeonhole, two codes at distance ``d`` have some substring at distance
-  ``<= floor(d / NHASH)``, so ``nflip = floor(threshold / NHASH)`` finds *every* pair within the
-  threshold (no approximation) while a query touches only its buckets, not all N codes.
-* **Calibration**: :func:`calibrate` plants copies of given images (resize, JPEG re-encode, small
-  crop, colour jitter) and measures, at a threshold, the recall (copy within threshold of its
-  original) and precision (pairs within threshold that are truly copies of one another).
+* **Hash** of a view: ``imagehash.phash`` (DCT of a 32x32 greyscale thumbnail, 8x8 low
+  frequencies thresholded at their median) followed by ``imagehash.dhash`` (signs of horizontal
+  differences of a 9x8 thumbnail), 64 bits each, packed to 16 bytes; the distance of two views is
+  the Hamming distance over all 128 bits, i.e. the sum of the two hashes' distances. Resizing, JPEG
+  re-encoding and colour changes move both by a few bits. Each hash alone confuses images the other
+  tells apart: pHash confuses small flat scenes with the same layout (the demo world), dHash is
+  noise on them and moves under JPEG; a small sum needs both to be close, which copies are and
+  different images rarely are.
+* **Views** (:data:`VIEWS`): the greyscale image, scaled to at most :data:`WORK_SIDE` px on its
+  shorter side, with its uniform border trimmed (:func:`border_box`); its horizontal mirror; and
+  five windows keeping :data:`WINDOW_SCALE` of each side (centre and four corners,
+  :func:`window_boxes`). A crop keeping 85-95% of the side looks like one of the windows, a
+  flipped copy like the mirror, a padded copy (trimmed) like the original.
+* **Rule**: two images are near-duplicates when a *query* view of one (the image or its mirror) is
+  within ``threshold`` bits of an *index* view of the other (the image or one of its windows).
+  Windows are never compared with windows, nor mirrors with mirrors: each extra comparison is
+  another chance for two different images to collide, and a single crop/flip/pad needs none of them.
+* **Search**: exact, by faiss's compiled brute force (``IndexBinaryFlat.range_search``) of the
+  query views of all images against the index views of all images; every pair within the
+  threshold is found.
+* **Calibration**: :func:`calibrate` plants copies of given images (:data:`PLANTED_TRANSFORMS`) and
+  measures, at a threshold, the recall (copy within threshold of its original under the rule) and
+  precision (pairs within threshold that are truly copies of one another).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
-HASH_BYTES = 8                 # 64-bit pHash
-NHASH = 4                      # substrings (hash tables) of the multi-index hash
-DEFAULT_THRESHOLD = 10         # bits of 64; from calibrate() on scikit-image photos (see tests/test_near_dup.py)
-PLANTED_TRANSFORMS = ("resize", "jpeg", "crop", "jitter")
+HASH_BYTES = 16                # a view: 64-bit pHash + 64-bit dHash
+DEFAULT_THRESHOLD = 22         # bits of 128; calibrated on scikit-image photos and demo scenes (README, audit)
+WORK_SIDE = 128                # views are cut from the image scaled to at most this shorter side
+WINDOW_SCALE = 0.9             # windows keep this fraction of each side
+BORDER_TOLERANCE = 10          # grey levels a border pixel may differ from its line's median
+BORDER_MAX_FRACTION = 0.25     # at most this fraction of the side is trimmed from each side
+WINDOWS = ("centre", "top_left", "top_right", "bottom_left", "bottom_right")
+VIEWS = ("image", "mirror") + WINDOWS
+QUERY_VIEWS = (0, 1)           # the image and its mirror ...
+INDEX_VIEWS = (0,) + tuple(range(2, len(VIEWS)))  # ... against the image and its windows
+CALIBRATION_COPIES = 4         # planted copies per calibration image in the audit (transforms in turn)
+PLANTED_TRANSFORMS = ("resize", "jpeg", "crop", "jitter", "crop_centre", "crop_offcentre", "brightness",
+                      "contrast", "pad", "hflip")
 
+
+# ----------------------------------------------------------------------------- hashes
 
 def phash_code(image: Image.Image) -> np.ndarray:
     """The 64-bit pHash of ``image`` as 8 packed bytes (uint8, shape (8,))."""
@@ -35,58 +58,222 @@ def phash_code(image: Image.Image) -> np.ndarray:
     return np.packbits(imagehash.phash(image, hash_size=8).hash.reshape(-1))
 
 
+def view_hash(image: Image.Image) -> np.ndarray:
+    """pHash then dHash (64 bits each) of ``image`` as 16 packed bytes (uint8, shape (16,))."""
+    import imagehash
+
+    bits = np.concatenate([imagehash.phash(image, hash_size=8).hash.reshape(-1),
+                           imagehash.dhash(image, hash_size=8).hash.reshape(-1)])
+    return np.packbits(bits)
+
+
+def border_box(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE,
+               max_fraction: float = BORDER_MAX_FRACTION) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of the greyscale ``gray`` (H, W) without its uniform border.
+
+    From each side, lines (rows or columns) are trimmed while every pixel of the line is within
+    ``tolerance`` grey levels of the median of that side's outermost line, and at most
+    ``int(max_fraction * side)`` lines (so a flat image keeps its centre). Padding or a frame added
+    to a copy is removed this way, while an image without a border keeps all of its pixels.
+    """
+    g = np.asarray(gray, dtype=np.int16)
+    h, w = g.shape
+
+    def run(lines: np.ndarray, limit: int) -> int:
+        """How many leading lines of ``lines`` (L, M), at most ``limit``, are uniform with the first."""
+        ref = np.median(lines[0])
+        bad = np.flatnonzero(np.abs(lines[:limit] - ref).max(axis=1) > tolerance)
+        return int(bad[0]) if bad.size else limit
+
+    lim_h, lim_w = int(h * max_fraction), int(w * max_fraction)
+    top, bottom = run(g, lim_h), run(g[::-1], lim_h)
+    left, right = run(g.T, lim_w), run(g.T[::-1], lim_w)
+    return left, top, w - right, h - bottom
+
+
+def window_boxes(width: int, height: int, scale: float = WINDOW_SCALE) -> list[tuple[int, int, int, int]]:
+    """The :data:`WINDOWS` keeping ``scale`` of each side, as PIL boxes ``(left, top, right, bottom)``:
+    centred (offsets rounded down), then at the four corners."""
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    dx, dy = width - w, height - h
+    return [(x, y, x + w, y + h) for x, y in ((dx // 2, dy // 2), (0, 0), (dx, 0), (0, dy), (dx, dy))]
+
+
+def work_image(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
+    """``image`` in greyscale, scaled down (aspect kept) so its shorter side is at most ``side``:
+    every view is cut from this, so hashing costs the same for any input size."""
+    gray = image.convert("L")
+    w, h = gray.size
+    if min(w, h) > side:
+        f = side / min(w, h)
+        gray = gray.resize((max(1, round(w * f)), max(1, round(h * f))), Image.LANCZOS)
+    return gray
+
+
+def view_codes(image: Image.Image) -> np.ndarray:
+    """The :func:`view_hash` of every one of the :data:`VIEWS` of ``image``: uint8 ``(len(VIEWS), 16)``."""
+    gray = work_image(image)
+    box = border_box(np.asarray(gray))
+    if box != (0, 0) + gray.size:
+        gray = gray.crop(box)
+    views = [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] + [gray.crop(b) for b in window_boxes(*gray.size)]
+    return np.stack([view_hash(v) for v in views])
+
+
+def hash_settings() -> dict:
+    """What the view codes depend on (shards hashed under other settings are not reused)."""
+    return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "window_scale": WINDOW_SCALE,
+            "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How images are hashed (``hasher``: image -> (V, B) codes) and which views are compared."""
+
+    hasher: Callable[[Image.Image], np.ndarray] = view_codes
+    query: tuple[int, ...] = QUERY_VIEWS
+    index: tuple[int, ...] = INDEX_VIEWS
+
+
+def _plain_phash(image: Image.Image) -> np.ndarray:
+    return phash_code(image)[None]
+
+
+VIEW_RULE = Rule()
+PLAIN_RULE = Rule(_plain_phash, (0,), (0,))   # one 64-bit pHash of the whole image (the audit before views)
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamming distance between packed codes along the last axis (broadcasts)."""
     return np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=-1, dtype=np.int64)
 
 
-def near_pairs(codes: np.ndarray, threshold: int) -> np.ndarray:
-    """All pairs (i, j), i < j, of rows of ``codes`` (N, 8) within ``threshold`` bits; shape (P, 2).
+def view_distance(a: np.ndarray, b: np.ndarray, query: tuple[int, ...] = QUERY_VIEWS,
+                  index: tuple[int, ...] = INDEX_VIEWS) -> np.ndarray:
+    """The rule's distance between view codes ``a`` and ``b`` (..., V, B): the smallest Hamming
+    distance of a query view of one to an index view of the other (broadcasts over ``...``)."""
+    a, b = np.asarray(a), np.asarray(b)
+    qa, ib = a[..., list(query), None, :], b[..., None, list(index), :]
+    qb, ia = b[..., list(query), None, :], a[..., None, list(index), :]
+    return np.minimum(hamming(qa, ib).min(axis=(-2, -1)), hamming(qb, ia).min(axis=(-2, -1)))
 
-    Exact (see module doc) but sub-quadratic: faiss's multi-index hash, not all pairs.
+
+# ----------------------------------------------------------------------------- search
+
+def _views(codes: np.ndarray, query, index) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """``codes`` as (N, V, 8); a plain (N, 8) array is one view, compared with itself."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.ndim == 2:
+        return codes[:, None, :], (0,), (0,)
+    return codes, tuple(QUERY_VIEWS if query is None else query), tuple(INDEX_VIEWS if index is None else index)
+
+
+def _image_pairs(qimg: np.ndarray, jimg: np.ndarray) -> np.ndarray:
+    """Distinct pairs (i, j), i < j, of two aligned arrays of image numbers; shape (P, 2), sorted."""
+    a, b = np.minimum(qimg, jimg), np.maximum(qimg, jimg)
+    keep = a != b
+    if not keep.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.stack([a[keep], b[keep]], axis=1).astype(np.int64), axis=0)
+
+
+def near_pairs(codes: np.ndarray, threshold: int, query: tuple[int, ...] | None = None,
+               index: tuple[int, ...] | None = None) -> np.ndarray:
+    """All pairs (i, j), i < j, of images within ``threshold`` bits under the rule; shape (P, 2), sorted.
+
+    ``codes``: (N, 8) -- one hash per image -- or (N, V, 8) view codes (:func:`view_codes`), the
+    ``query`` views of each image searched against the ``index`` views of every image (default
+    :data:`QUERY_VIEWS`, :data:`INDEX_VIEWS`). Exact: faiss's brute force over all pairs of codes.
     """
     import faiss
 
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    if threshold < 0 or len(codes) < 2:
+    codes, query, index = _views(codes, query, index)
+    n, nbytes = len(codes), codes.shape[-1]
+    if threshold < 0 or n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    index = faiss.IndexBinaryMultiHash(HASH_BYTES * 8, NHASH, HASH_BYTES * 8 // NHASH)
-    index.nflip = int(threshold) // NHASH
-    index.add(codes)
-    lims, _, ids = index.range_search(codes, int(threshold) + 1)  # faiss keeps distances < radius
-    q = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(lims).astype(np.int64))
-    ids = ids.astype(np.int64)
-    keep = q < ids
-    return np.stack([q[keep], ids[keep]], axis=1)
+    flat = faiss.IndexBinaryFlat(nbytes * 8)
+    flat.add(np.ascontiguousarray(codes[:, list(index)].reshape(-1, nbytes)))
+    queries = np.ascontiguousarray(codes[:, list(query)].reshape(-1, nbytes))
+    lims, _, ids = flat.range_search(queries, int(threshold) + 1)  # faiss keeps distances < radius
+    qimg = np.repeat(np.arange(len(queries), dtype=np.int64) // len(query), np.diff(lims).astype(np.int64))
+    return _image_pairs(qimg, ids.astype(np.int64) // len(index))
 
 
-def near_pairs_bruteforce(codes: np.ndarray, threshold: int, block: int = 1024) -> np.ndarray:
-    """The same pairs as :func:`near_pairs` by comparing all N^2/2 pairs (reference and benchmark)."""
-    words = np.ascontiguousarray(codes, dtype=np.uint8).view(np.uint64).ravel()  # one 64-bit word per code
+def near_pairs_bruteforce(codes: np.ndarray, threshold: int, query: tuple[int, ...] | None = None,
+                          index: tuple[int, ...] | None = None, block_words: int = 1 << 22) -> np.ndarray:
+    """The same pairs as :func:`near_pairs` by numpy over all pairs of codes (reference and benchmark),
+    comparing blocks of queries with all index codes, about ``block_words`` 64-bit words at a time."""
+    codes, query, index = _views(codes, query, index)
+    nbytes = codes.shape[-1]
+    q = codes[:, list(query)].reshape(-1, nbytes).view(np.uint64)   # codes as 64-bit words
+    x = codes[:, list(index)].reshape(-1, nbytes).view(np.uint64)
     out = [np.zeros((0, 2), dtype=np.int64)]
-    for lo in range(0, len(words), block):
-        d = np.bitwise_count(np.bitwise_xor(words[lo:lo + block, None], words[None, :]))
+    block = max(1, block_words // max(1, x.size))
+    for lo in range(0, len(q), block):
+        d = np.bitwise_count(np.bitwise_xor(q[lo:lo + block, None, :], x[None, :, :])).sum(axis=-1)
         i, j = np.nonzero(d <= threshold)
-        i = i + lo
-        keep = i < j
-        out.append(np.stack([i[keep], j[keep]], axis=1).astype(np.int64))
-    return np.concatenate(out)
+        out.append(_image_pairs((i + lo) // len(query), j // len(index)))
+    return np.unique(np.concatenate(out), axis=0)
 
 
 # ----------------------------------------------------------------------------- planted copies
 
+def _reencode(img: Image.Image, quality: int) -> Image.Image:
+    from memreg.image_io import load_rgb
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return load_rgb(buf.getvalue())
+
+
+def _factor(rng: np.random.Generator) -> float:
+    """A colour factor 10-20% away from 1, either way."""
+    return 1.0 + float(rng.choice([-1.0, 1.0])) * rng.uniform(0.1, 0.2)
+
+
+def _crop_back(img: Image.Image, rng: np.random.Generator, centred: bool) -> Image.Image:
+    """A crop keeping 85-95% of each side, resized back to the image's size; off-centre crops sit
+    in a corner half the time and anywhere inside the image otherwise."""
+    w, h = img.size
+    f = rng.uniform(0.85, 0.95)
+    cw, ch = round(w * f), round(h * f)
+    if centred:
+        u = np.array([0.5, 0.5])
+    else:
+        u = rng.choice([0.0, 1.0], size=2) if rng.random() < 0.5 else rng.uniform(0.0, 1.0, size=2)
+    left, top = round((w - cw) * u[0]), round((h - ch) * u[1])
+    return img.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+
+
+def _pad(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A flat border (black, grey or white) adding 5-10% of the side: on one axis, split between its
+    two sides, or on all four sides."""
+    w, h = img.size
+    total = round(max(w, h) * rng.uniform(0.05, 0.10))
+    a = int(rng.integers(0, total + 1))
+    fill = (int(rng.choice([0, 128, 255])),) * 3
+    r = rng.random()
+    border = (a, 0, total - a, 0) if r < 0.4 else (0, a, 0, total - a) if r < 0.8 else (total // 2,) * 4
+    return ImageOps.expand(img, border, fill=fill)
+
+
 def planted_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
-    """One modified copy of ``image``: resize (0.5-0.8x), jpeg (quality 30-70), crop (2-5% off
-    each side) or jitter (brightness/contrast/saturation x0.8-1.2)."""
-    img = image.convert("RGB")
+    """One modified copy of ``image``, ``kind`` one of :data:`PLANTED_TRANSFORMS`:
+
+    resize (0.5-0.8x), jpeg (quality 40-90), crop (2-5% off each side), jitter
+    (brightness/contrast/saturation x0.8-1.2), crop_centre / crop_offcentre (85-95% of the side,
+    resized back), brightness / contrast (x0.8-0.9 or x1.1-1.2), pad (a flat border adding 5-10%
+    of the side), hflip (mirror).
+    """
+    from memreg.image_io import load_rgb
+
+    img = load_rgb(image)
     w, h = img.size
     if kind == "resize":
         s = rng.uniform(0.5, 0.8)
         return img.resize((max(8, round(w * s)), max(8, round(h * s))), Image.BICUBIC)
     if kind == "jpeg":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=int(rng.integers(30, 71)))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return _reencode(img, int(rng.integers(40, 91)))
     if kind == "crop":
         f = rng.uniform(0.02, 0.05, size=4)
         box = (round(w * f[0]), round(h * f[1]), w - round(w * f[2]), h - round(h * f[3]))
@@ -95,7 +282,27 @@ def planted_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> Ima
         for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
             img = enh(img).enhance(rng.uniform(0.8, 1.2))
         return img
+    if kind in ("crop_centre", "crop_offcentre"):
+        return _crop_back(img, rng, centred=kind == "crop_centre")
+    if kind == "brightness":
+        return ImageEnhance.Brightness(img).enhance(_factor(rng))
+    if kind == "contrast":
+        return ImageEnhance.Contrast(img).enhance(_factor(rng))
+    if kind == "pad":
+        return _pad(img, rng)
+    if kind == "hflip":
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     raise ValueError(f"unknown planted copy {kind!r}; choose one of {PLANTED_TRANSFORMS}")
+
+
+def planted_kinds(n_images: int, transforms: tuple[str, ...], per_image: int | None) -> list[tuple[str, ...]]:
+    """The transforms planted on each of ``n_images`` images: all of them, or ``per_image`` of them
+    taken in turn (image k gets transforms ``k*per_image .. k*per_image + per_image - 1``, modulo
+    their number), so every transform is planted about equally often at a fixed cost per image."""
+    if per_image is None or per_image >= len(transforms):
+        return [tuple(transforms)] * n_images
+    t = len(transforms)
+    return [tuple(transforms[(k * per_image + j) % t] for j in range(per_image)) for k in range(n_images)]
 
 
 @dataclass
@@ -104,7 +311,7 @@ class Calibration:
 
     threshold: int
     images: int                     # originals
-    copies: int                     # planted copies (one per original and transform)
+    copies: int                     # planted copies
     recall: float                   # copies within threshold of their original
     recall_by_transform: dict[str, float]
     precision: float                # pairs within threshold that share an original
@@ -117,8 +324,10 @@ class Calibration:
 
 
 def calibrate(images: list[Image.Image], threshold: int = DEFAULT_THRESHOLD, seed: int = 0,
-              transforms: tuple[str, ...] = PLANTED_TRANSFORMS) -> Calibration:
-    """Plant one copy of each image per transform and measure the rule at ``threshold``.
+              transforms: tuple[str, ...] = PLANTED_TRANSFORMS, per_image: int | None = None,
+              rule: Rule = VIEW_RULE) -> Calibration:
+    """Plant copies of each image (every transform, or ``per_image`` of them in turn:
+    :func:`planted_kinds`) and measure ``rule`` at ``threshold``.
 
     Precision counts every pair of the originals-plus-copies set found within the threshold
     (via :func:`near_pairs`); a pair is correct when both come from the same original.
@@ -127,25 +336,27 @@ def calibrate(images: list[Image.Image], threshold: int = DEFAULT_THRESHOLD, see
         raise ValueError("calibration needs at least 2 distinct images")
     rng = np.random.default_rng(seed)
     codes, owner, kind = [], [], []
-    for k, img in enumerate(images):
-        codes.append(phash_code(img))
+    for k, (img, kinds) in enumerate(zip(images, planted_kinds(len(images), transforms, per_image))):
+        codes.append(rule.hasher(img))
         owner.append(k)
         kind.append("original")
-        for t in transforms:
-            codes.append(phash_code(planted_copy(img, t, rng)))
+        for t in kinds:
+            codes.append(rule.hasher(planted_copy(img, t, rng)))
             owner.append(k)
             kind.append(t)
     codes_a, owner_a, kind_a = np.stack(codes), np.array(owner), np.array(kind)
     orig = np.flatnonzero(kind_a == "original")
     copies = np.flatnonzero(kind_a != "original")
-    d_copy = hamming(codes_a[copies], codes_a[orig[owner_a[copies]]])
+    d_copy = view_distance(codes_a[copies], codes_a[orig[owner_a[copies]]], rule.query, rule.index)
     hit = d_copy <= threshold
-    pairs = near_pairs(codes_a, threshold)
+    pairs = near_pairs(codes_a, threshold, rule.query, rule.index)
     correct = int(np.sum(owner_a[pairs[:, 0]] == owner_a[pairs[:, 1]])) if len(pairs) else 0
-    d_other = hamming(codes_a[orig][:, None, :], codes_a[orig][None, :, :])[np.triu_indices(len(orig), 1)]
+    iu = np.triu_indices(len(orig), 1)
+    d_other = view_distance(codes_a[orig][iu[0]], codes_a[orig][iu[1]], rule.query, rule.index)
+    planted = [t for t in transforms if np.any(kind_a[copies] == t)]
     return Calibration(
         threshold=int(threshold), images=len(images), copies=len(copies), recall=float(hit.mean()),
-        recall_by_transform={t: float(hit[kind_a[copies] == t].mean()) for t in transforms},
+        recall_by_transform={t: float(hit[kind_a[copies] == t].mean()) for t in planted},
         precision=float(correct / len(pairs)) if len(pairs) else 1.0, pairs_found=int(len(pairs)),
         copy_distance_p95=float(np.percentile(d_copy, 95)),
         other_distance_p01=float(np.percentile(d_other, 1)) if d_other.size else float("nan"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memreg.models import ModelError, check_model_path, load_components, parse_dtype
+from memreg.models import check_model_path, load_components, parse_dtype
 
 SCORE_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -39,11 +39,7 @@ class CaptionScorer:
         from memreg.score import AnisotropyScore
 
         dtype = parse_dtype(settings.dtype or ("float16" if device.type == "cuda" else "float32"))
-        try:
-            self.comps = load_components(settings.model, dtype=dtype, device=device, with_vae=False)
-        except OSError as e:  # hub id offline / not cached, missing weight files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelError(f"--model {settings.model!r}: cannot load ({first})") from None
+        self.comps = load_components(settings.model, dtype=dtype, device=device, with_vae=False)
         self.scorer = AnisotropyScore(self.comps.unet, self.comps.scheduler, preset=settings.preset)
         self.encoder = PromptEncoder(self.comps.tokenizer, self.comps.text_encoder, device=device)
         self.settings = settings

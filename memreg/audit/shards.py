@@ -6,10 +6,12 @@ Each shard is written atomically to ``parts/shard-NNNNN.jsonl``, so a killed run
 skips the finished ones. The header line holds the seconds spent hashing/scoring, the process and
 its memory; then one line per row::
 
-    {"row", "name", "caption", "sha256", "phash", "error", "norm", "align", "score"}
+    {"row", "name", "caption", "sha256", "phash", "views", "error", "norm", "align", "score"}
 
 ``sha256`` is :func:`memreg.duplicates.content_hash` (the monitor's key), ``phash`` the 64-bit
-perceptual hash in hex; an unreadable image has ``error`` set and no hashes.
+perceptual hash in hex, ``views`` the pHashes of the near-duplicate views
+(:data:`memreg.audit.near_dup.VIEWS`, 8 bytes each) in hex; an unreadable image has ``error`` set
+and no hashes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from memreg import sharding
-from memreg.audit.near_dup import phash_code
+from memreg.audit.near_dup import phash_code, view_codes
 from memreg.audit.source import AuditSource, open_rgb
 from memreg.duplicates import content_hash
 from memreg.sharding import FINGERPRINT_FILE, PARTS_DIR, peak_rss_mb, shard_ranges  # noqa: F401 (re-exported)
@@ -39,13 +41,13 @@ def read_header(out: Path, k: int) -> dict:
     return sharding.read_header(out / PARTS_DIR, k)
 
 
-def hash_row(ref) -> tuple[str | None, str | None, str | None]:
-    """(sha256, phash hex, error) of one image reference; never raises for bad image data."""
+def hash_row(ref) -> tuple[str | None, str | None, str | None, str | None]:
+    """(sha256, phash hex, views hex, error) of one image reference; never raises for bad image data."""
     try:
         img = open_rgb(ref)
-        return content_hash(img), phash_code(img).tobytes().hex(), None
+        return content_hash(img), phash_code(img).tobytes().hex(), view_codes(img).tobytes().hex(), None
     except Exception as e:  # PIL raises many types for corrupt/truncated/missing files
-        return None, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return None, None, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 @dataclass
@@ -62,9 +64,9 @@ def audit_shard(source: AuditSource, start: int, stop: int,
     t0 = time.perf_counter()
     rows = []
     for r in source.rows(start, stop):
-        sha, ph, err = hash_row(r.image)
+        sha, ph, views, err = hash_row(r.image)
         rows.append({"row": r.index, "name": r.name, "caption": r.caption, "sha256": sha, "phash": ph,
-                     "error": err, "norm": None, "align": None, "score": None})
+                     "views": views, "error": err, "norm": None, "align": None, "score": None})
     t1 = time.perf_counter()
     scored: dict = {}
     if score is not None:

@@ -11,7 +11,6 @@ The image column is read undecoded, so rows are opened one at a time from their 
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,12 @@ from typing import Any, Iterator
 from PIL import Image
 
 from memreg.duplicates import first_caption
+from memreg.errors import MemregError
+from memreg.image_io import ImageDecodeError, load_rgb
+from memreg.imagefolder import MetadataError, check_imagefolder, metadata_files
 
 
-class AuditInputError(ValueError):
+class AuditInputError(MemregError, ValueError):
     """Unusable audit input (dataset, column, model); one line naming it. The CLI exits with 2."""
 
 
@@ -46,7 +48,7 @@ def _load(path: Path, split: str):
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    if path.is_dir() and (list(path.glob("metadata.jsonl")) or list(path.glob("*/metadata.jsonl"))):
+    if path.is_dir() and metadata_files(path):
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     for suffix, builder in ((".parquet", "parquet"), (".tar", "webdataset")):
         files = _files(path, suffix)
@@ -59,12 +61,18 @@ def _load(path: Path, split: str):
 class AuditSource:
     """Rows (image, caption) of a dataset on disk, read in contiguous ranges."""
 
-    def __init__(self, data: str, image_column: str = "image", caption_column: str = "text", split: str = "train"):
+    def __init__(self, data: str, image_column: str = "image", caption_column: str = "text", split: str = "train",
+                 allow_external_files: bool = False):
         import datasets
 
         path = Path(data)
         if not path.exists():
             raise AuditInputError(f"--data {data!r} does not exist")
+        if path.is_dir() and metadata_files(path):
+            try:
+                check_imagefolder(path, allow_external_files, allow_flag="--allow-external-files")
+            except MetadataError as e:
+                raise AuditInputError(str(e)) from None
         try:
             ds = _load(path, split)
         except (ValueError, TypeError, OSError, KeyError, IndexError,
@@ -114,11 +122,8 @@ def image_ref(value: Any, index: int) -> tuple[Any, str]:
 
 
 def open_rgb(ref: Any) -> Image.Image:
-    """Decode an image reference to RGB (raises on unreadable data)."""
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+    """Decode an image reference to RGB by :func:`memreg.image_io.load_rgb` (raises on unreadable data)."""
     if ref is None:
-        raise OSError("no image data")
-    with Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref) as im:
-        return im.convert("RGB")
+        raise ImageDecodeError("no image data")
+    return load_rgb(ref)
 

@@ -172,12 +172,14 @@ def fire_rates(over: Tensor, duplicated: Tensor) -> dict[str, float]:
     return out
 
 
-def duplicated_captions(records: Sequence[dict], min_count: int = 2, clusters_from=None) -> frozenset[str]:
+def duplicated_captions(records: Sequence[dict], min_count: int = 2, clusters_from=None,
+                        index=None) -> frozenset[str]:
     """Captions of training records whose image occurs >= ``min_count`` times (the monitor's
-    duplicate finder, :func:`memreg.duplicates.find_duplicates`); every caption of such a record."""
+    duplicate finder, :func:`memreg.duplicates.find_duplicates`, or its ``index`` of ``records``
+    when the caller built it already); every caption of such a record."""
     from memreg.duplicates import find_duplicates
 
-    index = find_duplicates(records, clusters_from=clusters_from)
+    index = index if index is not None else find_duplicates(records, clusters_from=clusters_from)
     return frozenset(distinct_captions(r.get("caption") or "" for i, r in enumerate(records)
                                        if index.count(i) >= min_count))
 

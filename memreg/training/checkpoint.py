@@ -1,10 +1,13 @@
 """Checkpoints, resume and final outputs, in diffusers/peft formats (no pickled models).
 
 * Crash-safe saves (:func:`save_checkpoint`): every process writes into ``checkpoint-<step>.tmp-<pid>``;
-  then the main process writes ``checkpoint_complete.json`` (every file with its size) last, renames the
-  dir to ``checkpoint-<step>`` and only then prunes old checkpoints. ``latest`` skips dirs without a
-  valid marker (and leftover ``.tmp-`` dirs) with a warning naming them; a resume from a checkpoint
-  missing its marker, a file, or optimizer/scheduler/RNG state is a :class:`CheckpointError`.
+  then the main process writes ``checkpoint_complete.json`` (every file with its size and sha256) last,
+  renames the dir to ``checkpoint-<step>`` and only then prunes old checkpoints. ``latest`` skips dirs
+  without a valid marker, with a file changed since the save, and leftover ``.tmp-`` dirs, with a
+  warning naming them; a resume from a checkpoint missing its marker, a file, or optimizer/scheduler/
+  RNG state, or one whose state files hold Python objects, is a :class:`CheckpointError`.
+* A full disk during a save is a :class:`~memreg.errors.DiskFullError` naming the path and the newest
+  intact checkpoint; the partial save is removed.
 * ``latest`` on a finished run (final weights, no checkpoint) is refused instead of retraining over it.
 * ``accelerator.save_state`` runs on every process; hooks registered here write the trainable
   weights as diffusers files (LoRA: ``pytorch_lora_weights.safetensors``, loadable by
@@ -15,31 +18,39 @@
   ``guard_state_{rank}.json`` (scalars) and restored by the load hook.
 * Final outputs: LoRA -> ``pytorch_lora_weights.safetensors`` (with the adapter's rank/alpha as
   metadata) and a kohya copy ``pytorch_lora_weights_kohya.safetensors`` (``lora_unet_*`` /
-  ``lora_te_*`` keys, ``alpha`` = lora_alpha) for A1111/ComfyUI; full -> a diffusers pipeline dir.
+  ``lora_te_*`` keys, ``alpha`` = lora_alpha) for A1111/ComfyUI; full -> a diffusers pipeline dir;
+  with ``config.yaml``. They appear together or not at all (:func:`write_final_outputs`): a run is
+  finished only once ``final_complete.json`` is in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from memreg.errors import DiskFullError, MemregError, is_disk_full, one_line
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-COMPLETE_MARKER = "checkpoint_complete.json"   # written last; lists every file with its size
+COMPLETE_MARKER = "checkpoint_complete.json"   # written last; lists every file with its size and sha256
 TMP_TAG = ".tmp-"                              # checkpoint-<step>.tmp-<pid>: a save in progress
+FINAL_MARKER = "final_complete.json"           # written after every final output is in place
+FINAL_TMP_PREFIX = "final.tmp-"                # final.tmp-<pid>: the final outputs being written
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MemregError, ValueError):
     """A resume request or output directory that cannot be used; the message names the path."""
 
 
@@ -87,12 +98,71 @@ def unfinished_saves(output_dir: str | Path) -> list[Path]:
     return sorted(d for d in p.iterdir() if d.is_dir() and re.fullmatch(rx, d.name))
 
 
+def unfinished_finals(output_dir: str | Path) -> list[Path]:
+    """Leftovers of an interrupted final save: ``final.tmp-<pid>`` dirs."""
+    p = Path(output_dir)
+    if not p.is_dir():
+        return []
+    return sorted(d for d in p.iterdir() if d.is_dir() and re.fullmatch(rf"{re.escape(FINAL_TMP_PREFIX)}\d+", d.name))
+
+
 def has_final_outputs(output_dir: str | Path) -> str | None:
-    """The name of a finished run's final weights in ``output_dir`` (LoRA file or pipeline), else None."""
+    """The name of a finished run's final weights in ``output_dir`` (LoRA file or pipeline), else None.
+
+    A finished run has :data:`FINAL_MARKER`, written after every final file is in place. Without it, a
+    ``final.tmp-<pid>`` dir means the final save was killed (not finished); outputs of a run from before
+    the marker existed count as finished when no such dir is there."""
+    d = Path(output_dir)
+    marker = d / FINAL_MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text())["weights"])
+        except (ValueError, KeyError, TypeError):
+            return FINAL_MARKER
+    if unfinished_finals(d):
+        return None
     for name in (LORA_WEIGHT_NAME, "model_index.json"):
-        if (Path(output_dir) / name).is_file():
+        if (d / name).is_file():
             return name
     return None
+
+
+def _replace_entry(src: Path, dest: Path) -> None:
+    """Move a file or directory over ``dest`` (an earlier final output of the same name)."""
+    if dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dest)
+
+
+def write_final_outputs(output_dir: str | Path, write, step: int) -> list[str]:
+    """Final outputs that appear together or not at all: ``write(tmp_dir)`` writes them into
+    ``final.tmp-<pid>``, a marker listing every file (size, sha256) is added, the entries are moved
+    into ``output_dir`` and the marker is moved last. A kill before that leaves no marker, so
+    ``latest`` resumes from the last checkpoint and writes them again. Returns the names written."""
+    out = Path(output_dir)
+    for stale in unfinished_finals(out):
+        logger.warning("removing the unfinished final save %s", stale)
+        shutil.rmtree(stale)
+    tmp = out / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+    tmp.mkdir(parents=True)
+    with disk_full_as_error(tmp, out, cleanup=tmp):
+        write(tmp)
+        names = sorted(e.name for e in tmp.iterdir())
+        weights = next((n for n in (LORA_WEIGHT_NAME, "model_index.json") if n in names), names[0] if names else "")
+        _write_json_atomic(tmp / FINAL_MARKER, {"step": step, "weights": weights, "files": _inventory(tmp)})
+    if (out / FINAL_MARKER).is_file():
+        logger.warning("replacing the final outputs in %s (an earlier finish of this run)", out)
+        (out / FINAL_MARKER).unlink()
+    for name in names:
+        _replace_entry(tmp / name, out / name)
+    os.replace(tmp / FINAL_MARKER, out / FINAL_MARKER)
+    _fsync_dir(out)
+    tmp.rmdir()
+    return names
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -101,7 +171,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     skipped = [f"{d.name} (unfinished save)" for d in unfinished_saves(output_dir)]
     found = None
     for d in reversed(list_checkpoints(output_dir)):
-        problem = completeness_problem(d)
+        problem = completeness_problem(d, content=True)
         if problem is None:
             found = d
             break
@@ -133,8 +203,9 @@ def resolve_resume(resume: str | None, output_dir: str, num_processes: int = 1,
             if broken:
                 raise CheckpointError(
                     f"resume_from_checkpoint=latest: no checkpoint in {output_dir!r} is complete "
-                    f"({', '.join(f'{d.name}: {completeness_problem(d)}' for d in broken)}); name one explicitly to "
-                    "see what is missing, or use --overwrite_output_dir true to move the run aside and start over")
+                    f"({', '.join(f'{d.name}: {completeness_problem(d, content=True)}' for d in broken)}); name one "
+                    "explicitly to see what is missing, or use --overwrite_output_dir true to move the run aside "
+                    "and start over")
             logger.warning("resume_from_checkpoint=latest: no complete checkpoint in %s; starting at step 0",
                            output_dir)
             return None
@@ -168,15 +239,34 @@ def prune_checkpoints(output_dir: str | Path, limit: int | None, keep: Path | No
 
 # --------------------------------------------------------------------------- crash-safe save
 
-def _write_marker(directory: Path, step: int, num_processes: int) -> None:
-    """List every file of ``directory`` with its size; written last, atomically, and fsynced."""
-    files = {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
-    tmp = directory / (COMPLETE_MARKER + ".part")
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed in 1 MiB blocks (``hashlib.file_digest`` needs Python 3.11)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".part")
     with tmp.open("w") as fh:
-        json.dump({"step": step, "num_processes": num_processes, "files": files}, fh, indent=1)
+        json.dump(payload, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, directory / COMPLETE_MARKER)
+    os.replace(tmp, path)
+
+
+def _inventory(directory: Path) -> dict[str, dict]:
+    """Every file below ``directory`` with its size and sha256 (what a marker records)."""
+    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _write_marker(directory: Path, step: int, num_processes: int) -> None:
+    """List every file of ``directory`` with its size and content hash; written last, atomically, fsynced."""
+    _write_json_atomic(directory / COMPLETE_MARKER,
+                       {"step": step, "num_processes": num_processes, "files": _inventory(directory)})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,21 +316,43 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    with disk_full_as_error(tmp, out, cleanup=tmp if accelerator.is_main_process else None):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_marker(tmp, step, accelerator.num_processes)
     if accelerator.is_main_process:
-        _write_marker(tmp, step, accelerator.num_processes)
         _move_into_place(tmp, final)
         prune_checkpoints(out, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
 
 
+@contextmanager
+def disk_full_as_error(writing: Path, output_dir: Path, cleanup: Path | None = None):
+    """Turn a full disk while writing ``writing`` into :class:`~memreg.errors.DiskFullError` naming the
+    path and the checkpoints that are intact; ``cleanup`` (the unfinished save) is removed to free space."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        where = getattr(e, "filename", None) or writing
+        intact = latest_checkpoint_name(output_dir)
+        raise DiskFullError(f"no space left on device while writing {where}; "
+                            + (f"checkpoints up to {intact} are intact" if intact else "no checkpoint was written yet")
+                            ) from None
+
+
 # --------------------------------------------------------------------------- completeness on resume
 
-def completeness_problem(path: str | Path) -> str | None:
-    """None if ``path`` has its completeness marker and every file it lists, at the recorded size;
-    else what is wrong, naming the file."""
+def completeness_problem(path: str | Path, content: bool = False) -> str | None:
+    """None if ``path`` has its completeness marker and every file it lists at the recorded size (and,
+    with ``content``, the recorded sha256); else what is wrong, naming the file. Sizes catch a truncated
+    save; the hash catches a file changed after the save at the same size. The hash is read when a run
+    resumes (its cost is in README's reliability section), not when old checkpoints are pruned."""
     d = Path(path)
     marker = d / COMPLETE_MARKER
     if not marker.is_file():
@@ -249,12 +361,15 @@ def completeness_problem(path: str | Path) -> str | None:
         files = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return f"unreadable {COMPLETE_MARKER}"
-    for rel, size in files.items():
+    for rel, rec in files.items():
+        size, digest = (rec["size"], rec.get("sha256")) if isinstance(rec, dict) else (rec, None)
         f = d / rel
         if not f.is_file():
             return f"{rel} is missing"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+        if content and digest is not None and file_sha256(f) != digest:
+            return f"{rel} has changed since it was saved (its sha256 differs from the one recorded at save)"
     return None
 
 
@@ -268,7 +383,7 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1, allow_incomplete
     missing optimizer/scheduler/RNG state or weights); ``allow_incomplete`` logs it loudly instead.
     Guard state is checked by the load hook (:func:`load_guard_state`)."""
     d = Path(path)
-    problems = [p for p in [completeness_problem(d)] if p]
+    problems = [p for p in [completeness_problem(d, content=True)] if p]
     problems += [f"{n} is missing" for n in required_files(num_processes) if not (d / n).is_file()]
     if not ((d / LORA_WEIGHT_NAME).is_file() or (d / "unet").is_dir()):
         problems.append(f"no weights ({LORA_WEIGHT_NAME} or unet/)")
@@ -280,6 +395,59 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1, allow_incomplete
                                     "to continue without what is missing)")
     logger.warning("!" * 20 + " %s; continuing because allow_incomplete_checkpoint is set: the resumed run "
                    "will NOT match an uninterrupted one " + "!" * 20, msg)
+
+
+def load_tensors_only(path: Path, map_location="cpu"):
+    """``torch.load`` with ``weights_only=True`` (and accelerate's numpy allowances for RNG states) that
+    names the file: a pickle holding Python objects is refused, never loaded. torch's zip format is
+    memory-mapped, so checking a multi-GB optimizer state reads only its pickled structure."""
+    import pickle
+    import zipfile
+
+    from accelerate.utils import load
+
+    try:
+        return load(str(path), map_location=map_location, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to load {path}: it contains Python objects; memreg loads tensors only") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({one_line(e)})") from None
+
+
+def _check_rng_state(path: Path) -> None:
+    """The RNG file loads and every state in it can be set (what accelerate does, which logs a failure at
+    INFO and goes on)."""
+    import random
+
+    import numpy as np
+
+    states = load_tensors_only(path)
+    try:
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint file {path} holds no usable random state ({one_line(e)})") from None
+
+
+def check_state_files(path: str | Path, num_processes: int = 1) -> None:
+    """Before any weights load: the optimizer, scheduler and RNG states of a verified checkpoint load
+    as tensors only, and the RNG states can be set. A missing file was reported by
+    :func:`verify_checkpoint` (an error unless ``allow_incomplete_checkpoint``)."""
+    d = Path(path)
+    for name in ("optimizer.bin", "scheduler.bin", "scaler.pt"):
+        if (d / name).is_file():
+            load_tensors_only(d / name)
+    for rank in range(num_processes):
+        f = d / f"random_states_{rank}.pkl"
+        if f.is_file():
+            _check_rng_state(f)
+
+
+def latest_checkpoint_name(output_dir: str | Path) -> str | None:
+    """The newest checkpoint whose save finished (sizes checked), by name; for messages."""
+    done = [d for d in list_checkpoints(output_dir) if completeness_problem(d) is None]
+    return done[-1].name if done else None
 
 
 # --------------------------------------------------------------------------- guard state

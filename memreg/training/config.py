@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Union
 
 import yaml
 
+from memreg.errors import MemregError
 from memreg.guards.agc import AGCConfig
 from memreg.guards.caption_noise import CaptionNoiseConfig
 from memreg.guards.penalty import GRAD_THROUGH, MODES, TERMS, ZSCORES, PenaltyConfig
@@ -31,12 +33,13 @@ from memreg.guards.reference import REFERENCES, SOURCES, uses_base
 from memreg.guards.registry import GUARDS
 from memreg.guards.wen_filter import WenFilterConfig
 from memreg.monitor_config import EvalConfig
+from memreg.training.captions import from_train_config as caption_config
 
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(MemregError, ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
@@ -97,12 +100,21 @@ class TrainConfig:
     caption_column: str = "text"
     max_train_samples: Union[int, None] = None
     proportion_empty_prompts: float = 0.0   # captions replaced by "" (trains the unconditional branch CFG needs)
+    # caption augmentation and repeats, kohya-ss/sd-scripts' names and semantics (memreg.training.captions)
+    shuffle_caption: bool = False         # shuffle the caption's tags after the first keep_tokens
+    keep_tokens: int = 0                  # leading tags kept in place by shuffle and tag dropout
+    caption_separator: str = ","          # splits a caption into tags (re-joined with ", ")
+    caption_dropout_rate: float = 0.0     # whole caption -> "" with this probability (first)
+    caption_tag_dropout_rate: float = 0.0  # each non-kept tag dropped with this probability (after the shuffle)
+    num_repeats: int = 1                  # each training image this many times per epoch
+    repeats_from_folders: bool = False    # an image in train_data_dir/N_name/ is repeated N times
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
     cache_latents: bool = False
     dataloader_num_workers: int = 0
     cache_dir: Union[str, None] = None
+    allow_external_files: bool = False      # let metadata.jsonl name files outside train_data_dir (../, symlinks)
     # optimisation
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -224,13 +236,17 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        else:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan/inf train to NaN weights or end in an optimizer traceback
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -409,6 +425,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("use_ema applies to mode: full only (LoRA trains too few weights to average)")
     if not 0.0 <= cfg.proportion_empty_prompts < 1.0:
         raise ConfigError(f"proportion_empty_prompts={cfg.proportion_empty_prompts} must be in [0, 1)")
+    try:
+        caption_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train_text_encoder and cfg.mode == "full" and cfg.use_ema:
         raise ConfigError("use_ema keeps an EMA of the UNet only; it cannot be combined with train_text_encoder")
     if cfg.dataset_name is None and cfg.train_data_dir is None:
@@ -426,6 +446,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoints_total_limit must be >= 1 (or null)")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError("max_grad_norm must be > 0")
+    _check_ranges(cfg)
     if not 0.0 <= cfg.eval.heldout_fraction < 1.0:
         raise ConfigError(f"eval.heldout_fraction={cfg.eval.heldout_fraction} must be in [0, 1)")
     if hasattr(cfg.eval, "validate"):
@@ -439,6 +460,33 @@ def validate(cfg: TrainConfig) -> None:
             and uses_base(g.reference)):
         raise ConfigError("guard.reference_source: forward needs the base model next to the trained one; full "
                           "fine-tuning keeps no frozen copy, use guard.reference_source: cache (or auto)")
+
+
+# Bounded float settings: key -> (the rule as the error states it, the check). Floats are finite already
+# (_coerce); these are the ranges the optimizer and the noise schedule need.
+FLOAT_RANGES: dict[str, tuple[str, Any]] = {
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_weight_decay": (">= 0", lambda v: v >= 0),
+    "adam_epsilon": ("> 0", lambda v: v > 0),
+    "ema_decay": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "lr_power": ("> 0", lambda v: v > 0),
+    "noise_offset": (">= 0", lambda v: v >= 0),
+    "snr_gamma": ("> 0 (or null)", lambda v: v > 0),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every bounded setting inside its range: a negative learning rate or a beta of 1 would otherwise
+    reach the optimizer and end in its traceback."""
+    for key, (rule, ok) in FLOAT_RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value} must be {rule}")
+    for key in ("lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
 
 
 def validate_guard(g: GuardConfig) -> None:

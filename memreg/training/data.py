@@ -11,6 +11,10 @@
   ``(seed, epoch, index)``: the training seed fixes it, it does not depend on worker count or
   process, and a resumed run sees the same samples. :class:`EpochSampler` shuffles by
   ``(seed, epoch)``; with ``accelerator.skip_first_batches`` a resume lands on the same batch.
+* Caption augmentation and repeats with kohya's semantics (``shuffle_caption``, ``keep_tokens``,
+  ``caption_dropout_rate``, ``caption_tag_dropout_rate``, ``num_repeats``; :mod:`memreg.training.captions`):
+  applied to the chosen caption from a sub-stream of the sample's key; a repeat r > 0 of a sample
+  is keyed ``(seed, epoch, index, r)``. All off, every key and draw is as without them.
 * ``eval.heldout_fraction`` > 0 splits that fraction out of the training set (deterministic
   by seed); held-out samples are never trained on and are handed to the monitor.
 * Corrupt or unreadable images: **skip with a count**. Every image is opened and verified once
@@ -25,8 +29,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
@@ -36,14 +38,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from memreg import image_ops
+from memreg.errors import MemregError, one_line
+from memreg.image_io import ImageDecodeError, load_rgb, open_image
+from memreg.imagefolder import MetadataError, check_imagefolder
+from memreg.training import captions as caption_aug
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(MemregError, ValueError):
     """Training data that cannot be used; the message names the file, directory or column."""
 
 
@@ -60,69 +65,48 @@ class DataSummary:
     skipped_examples: list[str] = field(default_factory=list)
 
 
-def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+def _sample_key(seed: int, epoch: int, index: int, repeat: int = 0) -> list[int]:
+    """The sample's RNG entropy; a repeat > 0 (``num_repeats``) gets its own, repeat 0 today's key."""
+    key = [int(seed) & 0xFFFFFFFF, int(epoch), int(index)]
+    return key + [int(repeat)] if repeat else key
 
 
-def check_data_source(train_data_dir: str | None, dataset_name: str | None) -> None:
-    """Fail early, naming the path, if an imagefolder is missing or has no metadata.jsonl."""
+def _sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> np.random.Generator:
+    return np.random.default_rng(_sample_key(seed, epoch, index, repeat))
+
+
+def check_data_source(train_data_dir: str | None, dataset_name: str | None, allow_external_files: bool = False) -> None:
+    """Fail early, naming the path and line, if an imagefolder is missing, has no usable metadata.jsonl
+    or (unless ``allow_external_files``) points outside itself (:mod:`memreg.imagefolder`)."""
     if train_data_dir is not None:
         p = Path(train_data_dir)
         if not p.exists():
             raise DataError(f"train_data_dir {train_data_dir!r} does not exist")
         if not p.is_dir():
             raise DataError(f"train_data_dir {train_data_dir!r} is not a directory")
-        metas = list(p.glob("metadata.jsonl")) + list(p.glob("*/metadata.jsonl"))
-        if not metas:
-            raise DataError(f"train_data_dir {train_data_dir!r} has no metadata.jsonl "
-                            "(one JSON object per line with file_name and the caption column)")
-        for meta in metas:
-            check_metadata_file(meta)
+        try:
+            check_imagefolder(p, allow_external_files)
+        except MetadataError as e:
+            raise DataError(str(e)) from None
     elif dataset_name is None:
         raise DataError("no training data: set train_data_dir or dataset_name")
-
-
-def check_metadata_file(path: Path) -> int:
-    """Number of records of an imagefolder ``metadata.jsonl``; a named error (with the file's own line
-    number) for an empty file, a line that is not UTF-8 or not a JSON object, or a record without
-    ``file_name``. Checked here because ``datasets`` reports an empty file as an IndexError and a bad
-    line as a row number that skips blank lines."""
-    records = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "file_name" not in rec:
-                raise DataError(f"{path}:{lineno}: record has no 'file_name' (keys: {sorted(rec)})")
-            records += 1
-    if not records:
-        raise DataError(f"{path} has no records (one JSON object per line with file_name and the caption column)")
-    return records
 
 
 def load_hf_dataset(cfg):
     """The raw ``datasets.Dataset`` (train split) of the config, image column undecoded."""
     import datasets
 
-    check_data_source(cfg.train_data_dir, cfg.dataset_name)
+    check_data_source(cfg.train_data_dir, cfg.dataset_name, cfg.allow_external_files)
     try:
         if cfg.dataset_name is not None:
             ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
         else:
             ds = datasets.load_dataset("imagefolder", data_dir=cfg.train_data_dir, cache_dir=cfg.cache_dir)
-    except (ValueError, TypeError, OSError) as e:  # arrow parse errors, bad metadata, missing files
+    except (ValueError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        # arrow parse/cast errors, missing files; datasets wraps the cause in DatasetGenerationError
         src = cfg.dataset_name or cfg.train_data_dir
-        raise DataError(f"could not load dataset {src!r}: {e}") from e
+        cause = e.__cause__ or e.__context__ if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
+        raise DataError(f"could not load dataset {src!r}: {one_line(cause or e)}") from None
     if isinstance(ds, dict) or hasattr(ds, "keys"):
         if "train" not in ds:
             raise DataError(f"dataset {cfg.dataset_name or cfg.train_data_dir!r} has no 'train' split "
@@ -147,14 +131,6 @@ def _image_ref(value: Any) -> Any:
             return value["bytes"]
         return value.get("path")
     return value
-
-
-def open_image(ref: Any) -> Image.Image:
-    if isinstance(ref, Image.Image):
-        return ref
-    if isinstance(ref, (bytes, bytearray)):
-        return Image.open(io.BytesIO(ref))
-    return Image.open(ref)
 
 
 def _describe(ref: Any, index: int) -> str:
@@ -196,12 +172,13 @@ class TrainData:
     """Image references and captions of the usable samples, with the train/held-out split."""
 
     def __init__(self, refs: list[Any], captions: list[str | list[str]], train_idx: list[int],
-                 heldout_idx: list[int], summary: DataSummary):
+                 heldout_idx: list[int], summary: DataSummary, repeats: list[int] | None = None):
         self.refs = refs
         self.captions = captions
         self.train_idx = train_idx
         self.heldout_idx = heldout_idx
         self.summary = summary
+        self.repeats = repeats  # per sample (aligned with refs): times per epoch; None: once each
 
     def records(self, which: str = "train") -> list[dict]:
         """Monitor records ``{"image": path|PIL, "caption": str|list, "id": int}``."""
@@ -245,19 +222,27 @@ def build_train_data(cfg, seed: int, validate_images: bool = True) -> TrainData:
     train_idx, held_idx = split_heldout(len(refs), cfg.eval.heldout_fraction, seed)
     summary = DataSummary(num_total=n, num_train=len(train_idx), num_heldout=len(held_idx),
                           skipped=len(bad), skipped_examples=bad[:20])
-    return TrainData(refs, captions, train_idx, held_idx, summary)
+    try:
+        repeats = caption_aug.sample_repeats(refs, caption_aug.from_train_config(cfg), cfg.train_data_dir)
+    except caption_aug.RepeatsError as e:
+        raise DataError(str(e)) from None
+    return TrainData(refs, captions, train_idx, held_idx, summary, repeats=repeats)
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset keyed by ``(index, epoch)`` (the keys :class:`EpochSampler` yields).
+    """Map-style dataset keyed by ``(index, epoch)`` or ``(index, epoch, repeat)`` (the keys
+    :class:`EpochSampler` yields). ``augment`` (:mod:`memreg.training.captions`) turns the chosen
+    caption into the step's, from the caption sub-stream of the sample's key.
 
     Items: ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str, "index": int}``, or with a
     latent cache ``{"latent_mean", "latent_std", "caption", "index"}``.
     """
 
     def __init__(self, data: TrainData, resolution: int, center_crop: bool, random_flip: bool, seed: int,
-                 latent_cache: dict[str, torch.Tensor] | None = None, proportion_empty_prompts: float = 0.0):
+                 latent_cache: dict[str, torch.Tensor] | None = None, proportion_empty_prompts: float = 0.0,
+                 augment: caption_aug.CaptionConfig | None = None):
         self.data = data
+        self.augment = augment
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -274,9 +259,12 @@ class TrainDataset(torch.utils.data.Dataset):
         return caption
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        rng = _sample_rng(self.seed, epoch, index)
+        index, epoch, repeat = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (key, 0, 0)
+        rng = _sample_rng(self.seed, epoch, index, repeat)
         caption = self._caption(self.data.captions[index], rng)
+        if self.augment is not None and self.augment.changes_captions:
+            sub = caption_aug.caption_rng(_sample_key(self.seed, epoch, index, repeat))
+            caption = caption_aug.augment_caption(caption, self.augment, sub)
         flip = bool(self.random_flip and rng.random() < 0.5)
         if self.proportion_empty_prompts > 0 and rng.random() < self.proportion_empty_prompts:
             caption = ""
@@ -288,22 +276,23 @@ class TrainDataset(torch.utils.data.Dataset):
                     "caption": caption, "index": index}
         ref = self.data.refs[index]
         try:
-            with open_image(ref) as img:
-                img.load()
-                pixels = image_ops.preprocess(img, self.resolution, self.center_crop, flip, rng)
-        except Exception as e:
-            raise CorruptImageError(f"image {_describe(ref, index)} could not be decoded: {e}") from e
+            img = load_rgb(ref)
+        except ImageDecodeError as e:
+            raise CorruptImageError(f"image {_describe(ref, index)} could not be decoded: {e}") from None
+        pixels = image_ops.preprocess(img, self.resolution, self.center_crop, flip, rng)
         return {"pixel_values": pixels, "caption": caption, "index": index}
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(index, epoch)`` keys in an order fixed by ``(seed, epoch)``.
+    """Yields ``(index, epoch)`` keys in an order fixed by ``(seed, epoch)``; with ``repeats`` (per
+    sample, ``num_repeats``) an index comes that many times, its repeats r > 0 as ``(index, epoch, r)``.
 
     Deliberately has no ``generator`` attribute: accelerate then leaves the process RNGs alone.
     """
 
-    def __init__(self, indices: list[int], seed: int, shuffle: bool = True):
+    def __init__(self, indices: list[int], seed: int, shuffle: bool = True, repeats: list[int] | None = None):
         self.indices = list(indices)
+        self.keys = caption_aug.expand_repeats(self.indices, repeats)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch = 0
@@ -312,15 +301,16 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.keys)
 
     def __iter__(self):
         if self.shuffle:
-            order = np.random.default_rng([self.seed & 0xFFFFFFFF, 104729, self.epoch]).permutation(len(self.indices))
+            order = np.random.default_rng([self.seed & 0xFFFFFFFF, 104729, self.epoch]).permutation(len(self.keys))
         else:
-            order = range(len(self.indices))
+            order = range(len(self.keys))
         for p in order:
-            yield (self.indices[int(p)], self.epoch)
+            index, repeat = self.keys[int(p)]
+            yield (index, self.epoch, repeat) if repeat else (index, self.epoch)
 
 
 def collate(examples: list[dict]) -> dict:
@@ -335,7 +325,7 @@ def collate(examples: list[dict]) -> dict:
 
 
 def make_dataloader(dataset: TrainDataset, batch_size: int, num_workers: int, seed: int) -> torch.utils.data.DataLoader:
-    sampler = EpochSampler(dataset.data.train_idx, seed)
+    sampler = EpochSampler(dataset.data.train_idx, seed, repeats=getattr(dataset.data, "repeats", None))
     # The loader's own generator keeps iterator creation (worker base seeds) off the global RNG.
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFF)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
@@ -353,10 +343,7 @@ def build_latent_cache(data: TrainData, vae, resolution: int, random_flip: bool,
         chunk = idx[start:start + batch_size]
         pix = []
         for i in chunk:
-            with open_image(data.refs[i]) as img:
-                img.load()
-                base = image_ops.preprocess(img, resolution, True, False)
-            pix.append(base)
+            pix.append(image_ops.preprocess(load_rgb(data.refs[i]), resolution, True, False))
         x = torch.stack(pix)
         views = [x, torch.flip(x, dims=[3])] if random_flip else [x]
         m_v, s_v = [], []

@@ -32,6 +32,7 @@ from memreg.guards import Guard, GuardBatch, GuardContext, build_guard, concat_i
 from memreg.guards.reference import duplicated_captions
 from memreg.training import checkpoint as ckpt
 from memreg.training import data as data_mod
+from memreg.training import finite
 from memreg.training.config import TrainConfig, flat_dict, save_config
 from memreg.training.metrics import StepTimer, peak_memory_mb
 from memreg.training.output_dir import claim_output_dir
@@ -92,10 +93,12 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
     # ------------------------------------------------------------------ early checks (no weights loaded)
     resuming = bool(cfg.resume_from_checkpoint)
     ckpt.check_output_dir(cfg.output_dir, resuming=resuming, overwrite=cfg.overwrite_output_dir)
-    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir,
-                                      num_processes=int(os.environ.get("WORLD_SIZE", "1")),
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, num_processes=num_processes,
                                       allow_incomplete=cfg.allow_incomplete_checkpoint)
-    data_mod.check_data_source(cfg.train_data_dir, cfg.dataset_name)
+    if resume_path is not None:
+        ckpt.check_state_files(resume_path, num_processes)
+    data_mod.check_data_source(cfg.train_data_dir, cfg.dataset_name, cfg.allow_external_files)
     model_prediction_type = check_prediction_type(cfg)
 
     logging_dir = Path(cfg.output_dir) / cfg.logging_dir
@@ -157,6 +160,24 @@ class _Run:
     first_epoch: int = 0
     skip_batches: int = 0
     monitor: Any = None
+
+    _records: list | None = field(default=None, init=False, repr=False)
+    _dup_index: Any = field(default=None, init=False, repr=False)
+
+    def train_records(self) -> list[dict]:
+        """The training records (image, caption, id), built once for the guard and the monitor."""
+        if self._records is None:
+            self._records = self.data.records("train")
+        return self._records
+
+    def dup_index(self):
+        """The run's one duplicate index of the training images (pixel hashes, or the audit's clusters
+        with ``eval.duplicates_from``), shared by the guard and the monitor: hashed once per run."""
+        if self._dup_index is None:
+            from memreg.duplicates import find_duplicates
+
+            self._dup_index = find_duplicates(self.train_records(), clusters_from=self.cfg.eval.duplicates_from)
+        return self._dup_index
 
     @property
     def total_batch(self) -> int:
@@ -227,7 +248,8 @@ def _build_loader(run: _Run, seed: int) -> None:
         latent_cache = data_mod.build_latent_cache(run.data, m.vae, cfg.resolution, cfg.random_flip,
                                                    run.accelerator.device, m.weight_dtype)
     run.dataset = data_mod.TrainDataset(run.data, cfg.resolution, cfg.center_crop, cfg.random_flip, seed,
-                                        latent_cache=latent_cache, proportion_empty_prompts=cfg.proportion_empty_prompts)
+                                        latent_cache=latent_cache, proportion_empty_prompts=cfg.proportion_empty_prompts,
+                                        augment=data_mod.caption_aug.from_train_config(cfg))
     run.dataloader = data_mod.make_dataloader(run.dataset, cfg.train_batch_size, cfg.dataloader_num_workers, seed)
     run.sampler = run.dataloader.sampler
     vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
@@ -254,8 +276,8 @@ def _guard_context(run: _Run) -> GuardContext:
         calibration_batches=lambda n, gen: _calibration_batches(run, n, gen),
         gather=lambda t: _gather_cat(acc, t), reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
         broadcast=broadcast, autocast=acc.autocast,
-        duplicated_captions=lambda: duplicated_captions(run.data.records("train"), run.cfg.eval.dup_min_count,
-                                                        run.cfg.eval.duplicates_from))
+        duplicated_captions=lambda: duplicated_captions(run.train_records(), run.cfg.eval.dup_min_count,
+                                                        index=run.dup_index()))
 
 
 def _prepare(run: _Run, get_scheduler) -> None:
@@ -313,9 +335,9 @@ def _build_monitor(run: _Run):
     m = run.models
     comps = SDComponents(tokenizer=m.tokenizer, text_encoder=m.text_encoder, unet=m.unet, vae=m.vae,
                          scheduler=m.noise_scheduler, model=run.cfg.pretrained_model_name_or_path)
-    return MemorizationMonitor(run.cfg.eval, components=comps, train_records=run.data.records("train"),
+    return MemorizationMonitor(run.cfg.eval, components=comps, train_records=run.train_records(),
                                heldout_records=run.data.records("heldout"), accelerator=run.accelerator,
-                               output_dir=run.cfg.output_dir)
+                               output_dir=run.cfg.output_dir, dup_index=run.dup_index())
 
 
 def _run_monitor(run: _Run, step: int, final: bool) -> None:
@@ -396,11 +418,40 @@ def _accumulate(run: _Run, batch, window: "_Window") -> float | None:
         grad_norm = None
         if acc.sync_gradients and window.backward:
             grad_norm = clip_trainable_grads(acc, run.models.trainable_params, run.cfg.max_grad_norm)
+        if acc.sync_gradients:
+            _stop_if_nonfinite(run, window, grad_norm)
         if window.backward:
             opt.step()
             run.lr_scheduler.step()
             opt.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _stop_if_nonfinite(run: _Run, window: "_Window", grad_norm: float | None) -> None:
+    """Raise :class:`~memreg.training.finite.NonFiniteError` before the optimizer step when this step's
+    losses or gradient norm are not finite, on every process at once (the counts are summed)."""
+    acc = run.accelerator
+    bad = finite.nonfinite_losses(o.loss for o in window.items)
+    # fp16: the loss scaler overflows on purpose and skips that step itself (memreg.training.finite)
+    norm_bad = grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None
+    flags = torch.tensor([bad, int(norm_bad)], device=acc.device)
+    if acc.num_processes > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    if int(flags.sum()) == 0:
+        return
+    last = ckpt.latest_checkpoint_name(run.cfg.output_dir)
+    raise finite.step_error(run.global_step + 1, run.cfg, int(flags[0]), grad_norm if norm_bad else None, last)
+
+
+def _check_weights(run: _Run, what: str) -> None:
+    """Refuse to write ``what`` (a checkpoint, the final weights) from weights holding NaN or infinity."""
+    models = [run.models.unet] + ([run.models.text_encoder] if run.models.train_text_encoder else [])
+    name = finite.first_nonfinite_param((n, p) for m in models for n, p in m.named_parameters() if p.requires_grad)
+    if name is not None:
+        raise finite.NonFiniteError(
+            f"step {run.global_step}: parameter {name} holds non-finite values; {what} not written "
+            f"(last good checkpoint: {ckpt.latest_checkpoint_name(run.cfg.output_dir) or 'none'}). "
+            f"Likely cause: {finite.likely_cause(run.global_step, run.cfg)}")
 
 
 def _end_of_step(run: _Run, window: "_Window", step_time: float, grad_norm, result: TrainResult, progress) -> None:
@@ -426,6 +477,7 @@ def _end_of_step(run: _Run, window: "_Window", step_time: float, grad_norm, resu
     if acc.is_main_process:
         result.logs.append(dict(logs, step=run.global_step))
     if run.global_step % run.cfg.checkpointing_steps == 0:
+        _check_weights(run, f"checkpoint-{run.global_step}")
         _save_checkpoint(run.cfg, acc, run.global_step)
     _run_monitor(run, run.global_step, final=False)
 
@@ -433,22 +485,28 @@ def _end_of_step(run: _Run, window: "_Window", step_time: float, grad_norm, resu
 def _finish(run: _Run, result: TrainResult) -> None:
     """The guard's end-of-run report, the trained weights, the monitor's final eval."""
     acc, cfg, m = run.accelerator, run.cfg, run.models
+    _check_weights(run, "the final weights")
     report = run.guard.finish()
     if report:
         result.final_report = report
         acc.log({f"guard/{k}": v for k, v in report.items()}, step=run.global_step)
     if acc.is_main_process:
-        if cfg.mode == "lora":
-            written = ckpt.save_lora(cfg.output_dir, m.unet, m.text_encoder if m.train_text_encoder else None)
-            logger.info("saved LoRA weights: %s", ", ".join(str(p) for p in written.values()))
-        else:
+        if cfg.mode == "full":
             if m.ema is not None:
                 m.ema.copy_to(m.unet.parameters())
             for mod in (m.unet, m.text_encoder, m.vae):
                 _to(mod, acc.device, torch.float32)
-            ckpt.save_full_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, m.unet, m.text_encoder, m.vae,
-                                    m.tokenizer, revision=cfg.revision, variant=cfg.variant)
-            logger.info("saved the fine-tuned pipeline to %s", cfg.output_dir)
+
+        def write(directory: Path) -> None:
+            if cfg.mode == "lora":
+                ckpt.save_lora(directory, m.unet, m.text_encoder if m.train_text_encoder else None)
+            else:
+                ckpt.save_full_pipeline(directory, cfg.pretrained_model_name_or_path, m.unet, m.text_encoder, m.vae,
+                                        m.tokenizer, revision=cfg.revision, variant=cfg.variant)
+            save_config(cfg, directory / "config.yaml")
+
+        written = ckpt.write_final_outputs(cfg.output_dir, write, run.global_step)
+        logger.info("saved the final outputs to %s: %s", cfg.output_dir, ", ".join(written))
     _run_monitor(run, run.global_step, final=True)
     acc.wait_for_everyone()
 

@@ -1,0 +1,195 @@
+"""Near-duplicate recall on planted copies of real photos (crops, flips, borders, JPEG, colour) and
+the pure helpers of the view rule, against hand-made answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memreg.audit.near_dup import (DEFAULT_THRESHOLD, INDEX_VIEWS, PLANTED_TRANSFORMS, QUERY_VIEWS, VIEWS,
+                                   border_box, calibrate, near_pairs, near_pairs_bruteforce, phash_code,
+                                   planted_copy, planted_kinds, view_codes, view_distance, view_hash, window_boxes,
+                                   work_image)
+from memreg.demo.data import load_photo
+
+# Distinct scikit-image photos bundled with the package (no download; ``cat`` is ``chelsea``).
+RECALL_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                 "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+                 "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")
+NEW_TRANSFORMS = ("crop_centre", "crop_offcentre", "jpeg", "brightness", "contrast", "pad", "resize", "hflip")
+COPIES_PER_TRANSFORM = 2
+
+
+# ----------------------------------------------------------------------------- pure helpers by hand
+
+def test_border_box_trims_a_flat_frame_only():
+    # content: a 12x16 checkerboard of 0/100 (every line's median 50, every pixel 50 off it)
+    content = (np.indices((12, 16)).sum(axis=0) % 2 * 100).astype(np.uint8)
+    padded = np.full((12 + 1 + 3, 16 + 2 + 0), 200, np.uint8)        # 1 top, 3 bottom, 2 left, 0 right
+    padded[1:13, 2:18] = content
+    # caps: int(16 * 0.25) = 4 rows, int(18 * 0.25) = 4 columns a side, none reached
+    assert border_box(padded) == (2, 1, 18, 13)
+    assert border_box(content) == (0, 0, 16, 12)                     # no border: nothing trimmed
+
+
+def test_border_box_tolerance_and_cap():
+    img = np.full((10, 10), 100, np.uint8)
+    img[3:7, 3:7] = 0                                  # a dark 4x4 square on a flat 10x10 field
+    img[0, 0] = 110                                    # within tolerance 10 of the top row's median 100
+    # flat field: each side trims at most int(max_fraction 0.25 * 10) = 2 lines
+    assert border_box(img) == (2, 2, 8, 8)
+    assert border_box(img, max_fraction=0.5) == (3, 3, 7, 7)
+    img[1, 5] = 150                                    # 50 levels off: row 1 is content now
+    assert border_box(img, max_fraction=0.5) == (3, 1, 7, 7)
+
+
+def test_window_boxes_by_hand():
+    # 100x80 at 0.9: 90x72; slack 10 x 8 -> centre at (5, 4), corners at x 0 / 10, y 0 / 8
+    assert window_boxes(100, 80, 0.9) == [(5, 4, 95, 76), (0, 0, 90, 72), (10, 0, 100, 72), (0, 8, 90, 80),
+                                          (10, 8, 100, 80)]
+
+
+def test_work_image_scales_the_shorter_side_down_only():
+    big = Image.new("RGB", (512, 256), (10, 200, 30))
+    assert work_image(big).size == (256, 128) and work_image(big).mode == "L"   # 256 -> 128: x 0.5
+    assert work_image(Image.new("RGB", (100, 60))).size == (100, 60)
+
+
+def test_view_hash_is_phash_then_dhash():
+    import imagehash
+
+    img = load_photo("coffee", 64)
+    h = view_hash(img)
+    assert h.shape == (16,) and h[:8].tolist() == phash_code(img).tolist()
+    assert h[8:].tolist() == np.packbits(imagehash.dhash(img).hash.reshape(-1)).tolist()
+
+
+def test_views_layout():
+    assert VIEWS[:2] == ("image", "mirror") and QUERY_VIEWS == (0, 1) and len(VIEWS) == 7
+    assert 1 not in INDEX_VIEWS and 0 in INDEX_VIEWS
+    codes = view_codes(load_photo("astronaut", 64))
+    assert codes.shape == (len(VIEWS), 16) and codes.dtype == np.uint8
+
+
+def codes_of(*rows):
+    """View codes (N, V, 16) from rows of one byte per view (the other 15 bytes 0)."""
+    out = np.zeros((len(rows), len(VIEWS), 16), np.uint8)
+    for i, r in enumerate(rows):
+        out[i, :, 0] = r
+    return out
+
+
+def test_view_rule_compares_queries_with_index_views_only():
+    # image 0: a window view equal to image 1's whole-image view -> a pair at distance 0
+    # image 2: a window equal to image 3's window only (window vs window is never compared)
+    # image 4: mirror equal to image 5's mirror only (mirror vs mirror is never compared)
+    v = len(VIEWS)
+    rows = [[0x00, 0x00] + [0xF0] * (v - 2), [0xF0, 0x0F] + [0x03] * (v - 2),
+            [0x11, 0x22] + [0x77] * (v - 2), [0x88, 0x44] + [0x77] * (v - 2),
+            [0x5A, 0xFF] + [0x5A] * (v - 2), [0xA5, 0xFF] + [0xA5] * (v - 2)]
+    codes = codes_of(*rows)
+    # 0 vs 1: query 0 of image 1 (0xF0) against window of image 0 (0xF0) -> 0 bits
+    assert view_distance(codes[0], codes[1]) == 0
+    # 2 vs 3: queries 0x11, 0x22 / 0x88, 0x44 against index 0x88, 0x77 / 0x11, 0x77:
+    # min(|0x11^0x88|=4, |0x11^0x77|=4, |0x22^0x88|=4, |0x22^0x77|=4, |0x88^0x11|, |0x88^0x77|=8, ...) = 4
+    assert view_distance(codes[2], codes[3]) == 4
+    # 4 vs 5: mirrors equal but not compared; 0x5A vs 0xA5 and 0xFF vs 0xA5 / 0x5A: 8, 4 -> 4
+    assert view_distance(codes[4], codes[5]) == 4
+    got = {tuple(p) for p in near_pairs(codes, 0)}
+    assert (0, 1) in got and (2, 3) not in got and (4, 5) not in got
+    for t in (0, 3, 4, 8):
+        assert {tuple(p) for p in near_pairs(codes, t)} == {tuple(p) for p in near_pairs_bruteforce(codes, t)}
+
+
+def test_near_pairs_views_against_bruteforce():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, size=(300, len(VIEWS), 16), dtype=np.uint8)
+    codes[7, 2] = codes[3, 0]
+    codes[7, 2, 0] ^= np.uint8(0b1)                    # a window of 7 one bit from the image of 3
+    for t in (1, 24, 36):
+        fast = near_pairs(codes, t)
+        assert {tuple(p) for p in fast} == {tuple(p) for p in near_pairs_bruteforce(codes, t)}
+        assert (3, 7) in {tuple(p) for p in fast}
+
+
+def test_planted_kinds_rotate():
+    t = ("a", "b", "c", "d", "e")
+    # image k gets transforms 2k, 2k+1 (mod 5): ab, cd, ea, bc
+    assert planted_kinds(4, t, 2) == [("a", "b"), ("c", "d"), ("e", "a"), ("b", "c")]
+    assert planted_kinds(2, t, None) == [t, t] == planted_kinds(2, t, 9)
+
+
+def test_new_planted_copies_by_size():
+    img = load_photo("coffee", 100)
+    rng = np.random.default_rng(0)
+    assert planted_copy(img, "crop_centre", rng).size == (100, 100)
+    assert planted_copy(img, "hflip", rng).tobytes() == img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).tobytes()
+    w, h = planted_copy(img, "pad", rng).size
+    assert 104 <= max(w, h) <= 110 and min(w, h) >= 100
+    assert all(t in PLANTED_TRANSFORMS for t in NEW_TRANSFORMS)
+
+
+# ----------------------------------------------------------------------------- the planted set
+
+@pytest.fixture(scope="module")
+def planted():
+    """(codes (N, V, 8), owner per code, transform per code; originals first)."""
+    originals = [load_photo(n, 128) for n in RECALL_PHOTOS]
+    rng = np.random.default_rng(19)
+    codes = [view_codes(o) for o in originals]
+    owner, kind = list(range(len(originals))), ["original"] * len(originals)
+    for k, o in enumerate(originals):
+        for t in NEW_TRANSFORMS:
+            for _ in range(COPIES_PER_TRANSFORM):
+                codes.append(view_codes(planted_copy(o, t, rng)))
+                owner.append(k)
+                kind.append(t)
+    return np.stack(codes), np.array(owner), np.array(kind)
+
+
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(g, directed=False)[1]
+
+
+def test_recall_over_planted_transforms(planted):
+    codes, owner, kind = planted
+    n_orig = len(RECALL_PHOTOS)
+    copies = np.flatnonzero(kind != "original")
+    d = view_distance(codes[copies], codes[owner[copies]])
+    recall = {t: float(np.mean(d[kind[copies] == t] <= DEFAULT_THRESHOLD)) for t in NEW_TRANSFORMS}
+    assert float(np.mean(d <= DEFAULT_THRESHOLD)) >= 0.95, recall       # the issue's target (0.972 here)
+    # off-centre crops are the weak spot (0.77-0.91 over seeds 1, 2, 19; half of them sit in a corner
+    # with 5-15% cut off both axes); every other transform keeps >= 0.93 on these seeds
+    assert recall["crop_offcentre"] >= 0.75 and min(recall.values()) >= 0.75, recall
+    for t in ("jpeg", "brightness", "contrast", "hflip"):
+        assert recall[t] == 1.0, recall
+    # the clusters the audit would form: every copy with its own original, never two originals together
+    comp = components(len(codes), near_pairs(codes, DEFAULT_THRESHOLD))
+    assert len(set(comp[:n_orig])) == n_orig
+    assert float(np.mean(comp[copies] == comp[owner[copies]])) >= 0.95
+
+
+def test_no_distinct_originals_within_threshold(planted):
+    codes, owner, kind = planted
+    orig = codes[kind == "original"]
+    iu = np.triu_indices(len(orig), 1)
+    d = view_distance(orig[iu[0]], orig[iu[1]])
+    assert d.min() > DEFAULT_THRESHOLD, d.min()
+    # and no copy is within the threshold of another original
+    cross = view_distance(codes[kind != "original"][:, None], orig[None])
+    other = owner[kind != "original"][:, None] != np.arange(len(orig))[None]
+    assert cross[other].min() > DEFAULT_THRESHOLD
+
+
+def test_calibration_covers_the_new_transforms():
+    images = [load_photo(n, 64) for n in RECALL_PHOTOS[:10]]
+    cal = calibrate(images, DEFAULT_THRESHOLD, seed=1, per_image=4)
+    assert cal.copies == 40                              # 4 per image
+    # 10 transforms taken 4 at a time over 10 images: each planted 40 / 10 = 4 times
+    assert set(cal.recall_by_transform) == set(PLANTED_TRANSFORMS)
+    assert cal.precision == 1.0 and cal.recall >= 0.9, cal
