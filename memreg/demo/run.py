@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memreg.demo.attack import AttackEvalSettings, attack_targets_of, format_attack
 from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
 from memreg.demo.evaluate import FinalEvalSettings
 from memreg.demo.mitigation import MitigationEvalSettings, format_mitigation, mitigation_targets
@@ -36,7 +37,7 @@ from memreg.guards import GUARDS
 from memreg.training.config import load_yaml
 
 logger = logging.getLogger("memreg.demo")
-SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation"}
+SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack"}
 
 
 def _key(*parts) -> str:
@@ -59,7 +60,8 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
     unknown = set(settings) - SECTIONS
     if unknown:
         raise ValueError(f"{path}: unknown demo section(s) {sorted(unknown)}")
-    for section, known in (("final", FinalEvalSettings), ("mitigation", MitigationEvalSettings)):
+    for section, known in (("final", FinalEvalSettings), ("mitigation", MitigationEvalSettings),
+                           ("attack", AttackEvalSettings)):
         settings.setdefault(section, {})
         unknown = set(settings[section]) - {f.name for f in fields(known)}
         if unknown:
@@ -283,6 +285,7 @@ def targets(results: dict) -> list[dict]:
             rows += _guard_targets(runs, plain, guarded, baselines if plain == "none" else [])
     if results.get("mitigation_none"):
         rows += mitigation_targets(results["mitigation_none"])
+    rows += attack_targets_of(runs)
     rows.append(("make demo wall time <= 25 min", results["wall_s"] / 60, results["wall_s"] <= 25 * 60))
     return [{"target": t, "value": float(v), "pass": bool(ok)} for t, v, ok in rows]
 
@@ -313,6 +316,8 @@ def format_table(results: dict) -> str:
     if results.get("mitigation_none"):
         out += ["", "inference-time mitigation on 'none' (memreg generate --mitigate ...):",
                 format_mitigation(results["mitigation_none"])]
+    if format_attack(results["runs"]):
+        out += ["", format_attack(results["runs"])]
     out.append("")
     for t in results["targets"]:
         value = "n/a (0/0)" if np.isnan(t["value"]) else f"{t['value']:.3f}"
@@ -374,6 +379,14 @@ def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, t
     row = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], weight=_penalty_weight(over),
                train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
                final_guard_report=result.final_report)
+    attack = AttackEvalSettings(**settings["attack"])
+    if name in attack.runs:
+        from memreg.demo.attack import evaluate_attack
+
+        logger.info("=== extraction attack on run %s ===", name)
+        data_cfg = DemoDataConfig(**settings["data"])
+        row["attack"] = evaluate_attack(comps, detector, memorized, data_cfg.resolution, data_cfg.seed, attack)
+        _save_images(row["attack"].pop("_images"), out / f"attack_{name}.png")
     if name == "none":
         from memreg.demo.mitigation import evaluate_mitigation
 
