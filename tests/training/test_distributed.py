@@ -75,3 +75,42 @@ def test_two_process_agc_keeps_the_same_averages_on_every_process(tiny_sd_eps, t
         # 2 steps x 2 processes x 2 samples: every process applied all 8 (gathered) losses
         assert torch.equal(states[0][k], states[1][k]), k
         assert 1 <= int((states[0][k] > 0).sum()) <= 8
+
+
+NAN_ON_RANK_1 = """
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from memreg.training import finite
+real, calls = finite.nonfinite_losses, [0]
+def nonfinite_losses(losses):
+    calls[0] += 1      # one call per optimizer step: rank 1 alone reports a NaN loss at step 3
+    return real(losses) + int(os.environ.get("RANK") == "1" and calls[0] == 3)
+finite.nonfinite_losses = nonfinite_losses
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.distributed
+def test_a_non_finite_step_on_one_process_stops_every_process_at_that_step(tiny_sd_eps, tiny_data, tmp_path):
+    """The verdict is summed over processes: rank 0 saw nothing wrong, yet stops at the same step
+    instead of waiting forever in the next collective."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(repo=str(REPO), train=str(REPO / "train" / "train.py")))
+    out = tmp_path / "ddp_nan"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519", str(script),
+           *base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-4000:]
+    assert log.count("error: NonFiniteError: step 3: 1 non-finite loss value(s)") == 2, log[-4000:]  # both ranks
+    assert "the last good checkpoint is checkpoint-2" in log
+    assert time.time() - t0 < 120
+    from memreg.training import checkpoint as ckpt
+
+    assert [d.name for d in ckpt.list_checkpoints(out)] == ["checkpoint-2"] and ckpt.has_final_outputs(out) is None
