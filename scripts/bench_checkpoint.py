@@ -40,6 +40,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _write_checkpoint(d: Path, n: int) -> float:
+    """Seconds to write ``n`` float32 weights (safetensors) and 2n of Adam state (torch.save), synced."""
+    weights = {f"w{i}": torch.randn(n // 8) for i in range(8)}
+    optim = {"state": {i: {"exp_avg": torch.randn(n // 8), "exp_avg_sq": torch.rand(n // 8)} for i in range(8)},
+             "param_groups": [{"lr": 1e-4, "params": list(range(8))}]}
+    t0 = time.perf_counter()
+    save_file(weights, str(d / ckpt.LORA_WEIGHT_NAME))
+    torch.save(optim, d / "optimizer.bin")
+    os.sync()
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=3.0, help="total checkpoint size (1/3 weights, 2/3 optimizer)")
@@ -49,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(args.dir) / "checkpoint-1"
     shutil.rmtree(d.parent, ignore_errors=True)
     d.mkdir(parents=True)
-    n = int(args.gb * 2**30 / 4 / 3)                        # float32 values in the weights file
-    weights = {f"w{i}": torch.randn(n // 8) for i in range(8)}
-    optim = {"state": {i: {"exp_avg": torch.randn(n // 8), "exp_avg_sq": torch.rand(n // 8)} for i in range(8)},
-             "param_groups": [{"lr": 1e-4, "params": list(range(8))}]}
-    write_s = _timed(lambda: (save_file(weights, str(d / ckpt.LORA_WEIGHT_NAME)),
-                              torch.save(optim, d / "optimizer.bin"), os.sync()))
-    del weights, optim
+    write_s = _write_checkpoint(d, int(args.gb * 2**30 / 4 / 3))
     size = sum(f.stat().st_size for f in d.iterdir()) / 2**30
     _drop_caches(args.cold)
     marker_s = _timed(lambda: ckpt._write_marker(d, 1, 1))

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from memreg.copy_detect import center_square
+from memreg.image_io import to_rgb
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SearchResult:
 
 def image_latent(vae, image: Image.Image, size: int) -> Tensor:
     """(1, C, h, w) scaled VAE latent (posterior mode) of ``image`` center-cropped and resized to ``size`` px."""
-    im = center_square(image.convert("RGB"))
+    im = center_square(to_rgb(image))
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
