@@ -1,9 +1,14 @@
 """The ``memreg`` console entry: ``memreg <command> [options]``.
 
-Each command is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
-imported lazily -- only the one whose command is being run (so ``memreg --help`` stays fast and
-a command whose module is missing or broken does not take the others down). To add a command,
-add one line to ``COMMANDS``.
+Each command is a module of :mod:`memreg.commands` exposing ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported lazily -- only the one whose command is being run --
+because each pulls in torch, diffusers and its library, which would make ``memreg --help`` slow,
+and because a command whose module is missing or broken must not take the others down. To add a
+command, add one line to ``COMMANDS``.
+
+A command reports a user-fixable mistake by raising :class:`memreg.errors.MemregError`; :func:`main`
+turns it into one line, ``memreg <command>: error: <message>``, and exit code 2, so that every
+command reports its mistakes the same way.
 """
 
 from __future__ import annotations
@@ -11,24 +16,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from memreg.errors import MemregError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "detect": ("memreg.detect", "score memorized vs non-memorized prompt lists; AUC/TPR report"),
-    "audit": ("memreg.audit.cli", "pre-flight memorization-risk report of a training set (duplicates, captions, scores)"),
-    "report": ("memreg.report", "static HTML summary of training/monitoring runs (TensorBoard event files)"),
-    "generate": ("memreg.generate_cli", "generate images, adapting memorized prompts first (score / Wen et al. / none)"),
-    "attack": ("memreg.attack.cli", "try to extract training images from a model (prompts, white-box embedding search) vs a never-seen control"),
+    "detect": ("memreg.commands.detect", "score memorized vs non-memorized prompt lists; AUC/TPR report"),
+    "audit": ("memreg.commands.audit", "pre-flight memorization-risk report of a training set (duplicates, captions, scores)"),
+    "report": ("memreg.commands.report", "static HTML summary of training/monitoring runs (TensorBoard event files)"),
+    "generate": ("memreg.commands.generate", "generate images, adapting memorized prompts first (score / Wen et al. / none)"),
+    "attack": ("memreg.commands.attack", "try to extract training images from a model (prompts, white-box embedding search) vs a never-seen control"),
 }
 
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("memreg")
-    except Exception:
+    except PackageNotFoundError:
         return "unknown"
 
 
@@ -44,7 +49,7 @@ def _load(name: str):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the brief's error shape: one line naming the option and the cause, exit 2."""
+    """argparse whose usage errors are one line naming the option and the cause, and exit 2."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except MemregError as e:  # a command that let a user-fixable error through: still one line, exit 2
+    except MemregError as e:
         print(f"memreg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

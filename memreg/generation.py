@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
+
+from memreg.score import pure_noise_latents
 
 
 def build_pipeline(components, unet=None):
     """A DDIM ``StableDiffusionPipeline`` over ``components`` (``unet`` replaces ``components.unet``)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     if components.vae is None:
         raise ValueError("image generation needs the VAE; load the components with with_vae=True")
     scheduler = DDIMScheduler.from_config(components.scheduler.config)
@@ -55,8 +56,6 @@ def initial_latents(unet, seeds: Sequence[int], height: int | None = None, width
     """Float32 starting noise (N, C, h, w), row i from a CPU ``torch.Generator`` seeded with
     ``seeds[i]``: the same noise ``generate_images`` starts from (in float32), on any device.
     ``height``/``width`` in latent pixels (default the UNet's sample size)."""
-    from memreg.score import pure_noise_latents
-
     return torch.cat([pure_noise_latents(unet, 1, torch.Generator("cpu").manual_seed(int(s)), height=height, width=width)
                       for s in seeds])
 

@@ -40,9 +40,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
-from memreg.score import AnisotropyScore, ddim_timesteps, guidance_norm, pure_noise_latents, to_epsilon
+from memreg.generation import build_pipeline, generate_from_embeds
+from memreg.score import AnisotropyScore, ddim_timesteps, guidance_norm, make_scorer, pure_noise_latents, to_epsilon
 
 MODES = ("none", "wen", "score")
 CRITERIA = {"none": None, "wen": "wen_guidance_norm", "score": "anisotropy_score"}
@@ -121,15 +123,6 @@ class MitigationResult:
     records: list[MitigationRecord]
 
 
-def make_scorer(unet, scheduler, config: MitigationConfig) -> AnisotropyScore:
-    """The scorer of ``config``: its g1/g2 if given, else its preset, else the paper's preset for
-    the model (sd2 for v-prediction, sd1 otherwise)."""
-    if config.g1 is not None:
-        return AnisotropyScore(unet, scheduler, t_hi=config.t_hi, t_lo=config.t_lo, g1=config.g1, g2=config.g2)
-    preset = config.preset or ("sd2" if scheduler.config.prediction_type == "v_prediction" else "sd1")
-    return AnisotropyScore(unet, scheduler, t_hi=config.t_hi, t_lo=config.t_lo, preset=preset)
-
-
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
@@ -157,8 +150,6 @@ class WenObjective:
 
     def __init__(self, scorer: AnisotropyScore, scheduler, uncond: Tensor, seeds: Sequence[int],
                  num_inference_steps: int, latent_size: tuple[int, int] | None = None):
-        from diffusers import DDIMScheduler
-
         h, w = latent_size or (None, None)
         self.scorer, self.uncond = scorer, uncond[:1]
         self.t = ddim_timesteps(scheduler.config, num_inference_steps)[0]
@@ -178,7 +169,8 @@ class WenObjective:
 def make_objective(unet, scheduler, uncond: Tensor, seeds: Sequence[int], config: MitigationConfig,
                    latent_size: tuple[int, int] | None = None):
     """The criterion of ``config.mode`` as a callable ``(embeds (A, L, D), rows) -> (A,)`` values."""
-    scorer = make_scorer(unet, scheduler, config)
+    scorer = make_scorer(unet, scheduler, preset=config.preset, g1=config.g1, g2=config.g2, t_hi=config.t_hi,
+                         t_lo=config.t_lo)
     if config.mode == "score":
         return ScoreObjective(scorer, uncond, seeds, config.draws, latent_size)
     if config.mode == "wen":
@@ -391,8 +383,6 @@ def generate_mitigated(components, prompts: Sequence[str], seeds: Sequence[int],
     generation's DDIM steps. Image i starts from the noise of ``seeds[i]`` in every mode, the same
     noise as ``memreg.generation.generate_images``. ``progress``: object with ``update(n)``.
     """
-    from memreg.generation import build_pipeline, generate_from_embeds
-
     config = config or MitigationConfig()
     config = (config if mode is None else replace(config, mode=mode)).check()
     if len(prompts) != len(seeds):

@@ -54,18 +54,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
+from memreg import generation
 from memreg import log_tags as tags
+from memreg.copy_detect import available_copy_detectors, detector_from_config
 from memreg.duplicates import DuplicateIndex, find_duplicates, first_caption
+from memreg.encoding import PromptEncoder
 from memreg.image_io import load_rgb
+from memreg.metrics import auroc, roc_points, tpr_at_fpr
 from memreg.monitor_config import EvalConfig
+from memreg.prompt_io import read_prompts
+from memreg.score import make_scorer, mean_scores
 
 logger = logging.getLogger(__name__)
 
 GROUPS = ("memorized", "reference", "duplicated", "unique", "heldout")
 TRAINING_GROUPS = ("duplicated", "unique")
 CONTRASTS = (("duplicated", "heldout"), ("duplicated", "unique"), ("memorized", "reference"))
-TERMS = ("norm", "align", "score")
 MAX_FPR = 0.01
 
 
@@ -98,7 +105,6 @@ def quantiles(x: np.ndarray) -> dict[str, float]:
 
 def roc_metrics(pos: np.ndarray, neg: np.ndarray, max_fpr: float = MAX_FPR):
     """(AUC, TPR at FPR <= max_fpr, fpr, tpr) of positives vs negatives; higher = more memorized."""
-    from memreg.metrics import auroc, roc_points, tpr_at_fpr
 
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     s = np.r_[pos, neg].astype(np.float64)
@@ -128,6 +134,28 @@ def preserved_training_state(*modules):
             torch.cuda.set_rng_state_all(cuda_states)
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+@dataclass
+class CopyCheck:
+    """One copy check's generations: ``jobs`` (group, prompt index, image index, EvalPrompt), the
+    images, each one's best similarity to any training image and that image's record row, and its
+    similarity to its own training image (nan / None when the prompt has none)."""
+
+    jobs: list[tuple]
+    images: list
+    best: torch.Tensor
+    nearest_rows: list[int]
+    own: torch.Tensor
+    own_rows: list[int | None]
+    threshold: float
+
+    def groups(self) -> dict[str, list[int]]:
+        """group -> indices of its jobs, in first-seen order."""
+        out: dict[str, list[int]] = {}
+        for n, job in enumerate(self.jobs):
+            out.setdefault(job[0], []).append(n)
+        return out
 
 
 class MemorizationMonitor:
@@ -216,14 +244,12 @@ class MemorizationMonitor:
 
     # ------------------------------------------------------------------ prompt groups
     def _check_inputs(self) -> None:
-        from memreg.prompt_io import read_prompts
 
         c = self.cfg
         for group, path in (("memorized", c.memorized_prompts), ("reference", c.reference_prompts),
                             ("heldout", c.heldout_prompts)):
             if path:
                 self._file_prompts[group] = read_prompts(path).prompts  # fails early, naming the file
-        from memreg.copy_detect import available_copy_detectors
 
         if c.copy_detector not in available_copy_detectors():
             raise ValueError(f"eval.copy_detector: unknown detector {c.copy_detector!r}; "
@@ -292,11 +318,9 @@ class MemorizationMonitor:
 
     # ------------------------------------------------------------------ detection eval
     def _scorer(self, unet):
-        from memreg.score import AnisotropyScore
-
         c = self.cfg
-        return AnisotropyScore(unet, self.components.scheduler, t_hi=c.t_hi, t_lo=c.t_lo, g1=c.g1, g2=c.g2,
-                               preset=c.preset, space=c.score_space)
+        return make_scorer(unet, self.components.scheduler, preset=c.preset, g1=c.g1, g2=c.g2, t_hi=c.t_hi,
+                           t_lo=c.t_lo, space=c.score_space)
 
     def noise_seeds(self) -> list[int]:
         """The noise seeds of every eval: ``eval.seed`` .. ``eval.seed + eval.seeds - 1``, the same
@@ -304,39 +328,31 @@ class MemorizationMonitor:
         return list(range(self.cfg.seed, self.cfg.seed + self.cfg.seeds))
 
     def score_prompts(self, prompts: list[str], unet, scorer=None, encoder=None) -> dict[str, np.ndarray]:
-        """norm/align/score of each prompt averaged over the fixed noise seeds, by
-        :func:`memreg.score.score_prompts` on :func:`memreg.score.noise_latents` (as ``memreg detect``)."""
-        from memreg.encoding import PromptEncoder
-        from memreg.score import noise_latents, score_prompts
-
+        """norm/align/score of each prompt averaged over the fixed noise seeds
+        (:func:`memreg.score.mean_scores`, as ``memreg detect``)."""
         c = self.cfg
         scorer = scorer or self._scorer(unet)
         encoder = encoder or PromptEncoder(self.components.tokenizer, self.components.text_encoder)
-        device = next(unet.parameters()).device
-        out = score_prompts(scorer, lambda texts: encoder.encode(texts).embeds.to(device), encoder.uncond().to(device),
-                            prompts, lambda texts, lo, seed: noise_latents(unet, texts, seed, c.noise, device=device),
-                            draws=self.noise_seeds(), batch_size=c.batch_size, shared_noise=c.noise == "shared")
-        return {t: getattr(out, t).double().mean(dim=0).numpy() for t in TERMS}
+        return mean_scores(scorer, encoder, prompts, self.noise_seeds(), noise=c.noise, batch_size=c.batch_size)
 
     def run_detection(self, step: int, unet) -> tuple[dict[str, float], dict]:
         t0 = time.perf_counter()
         groups = self.groups()
         scorer = self._scorer(unet)
-        from memreg.encoding import PromptEncoder
 
         encoder = PromptEncoder(self.components.tokenizer, self.components.text_encoder)
         results = {g: self.score_prompts([p.text for p in items], unet, scorer, encoder) for g, items in groups.items()}
         scalars: dict[str, float] = {}
         for g, res in results.items():
             scalars[tags.eval_count(g)] = float(len(groups[g]))
-            for t in TERMS:
+            for t in tags.SCORE_TERMS:
                 for q, v in quantiles(res[t]).items():
                     scalars[tags.eval_stat(g, t, q)] = v
         rocs = {}
         for pos, neg in CONTRASTS:
             if pos in results and neg in results:
                 name = f"{pos}_vs_{neg}"
-                for t in TERMS:
+                for t in tags.SCORE_TERMS:
                     auc, tpr, fpr_c, tpr_c = roc_metrics(results[pos][t], results[neg][t])
                     scalars[tags.eval_auc(name, t)] = auc
                     scalars[tags.eval_tpr(name, t)] = tpr
@@ -346,14 +362,14 @@ class MemorizationMonitor:
         writer = self._tb_writer()
         if writer is not None:
             for g, res in results.items():
-                for t in TERMS:
+                for t in tags.SCORE_TERMS:
                     writer.add_histogram(tags.eval_hist(g, t), res[t], step)
             if rocs:
                 writer.add_figure(tags.EVAL_ROC, self._roc_figure(rocs, step), step, close=True)
             writer.add_text(tags.EVAL_TOP_K, self._top_k_table(groups, results), step)
             writer.flush()
         detail = {g: [{"prompt": p.text, "dup_count": p.dup_count, "record_id": p.record_id,
-                       **{t: float(results[g][t][i]) for t in TERMS}} for i, p in enumerate(items)]
+                       **{t: float(results[g][t][i]) for t in tags.SCORE_TERMS}} for i, p in enumerate(items)]
                   for g, items in groups.items()}
         logger.info("memorization eval at step %d: %s (%.1fs)", step,
                     ", ".join(f"{g} score {scalars[tags.eval_stat(g, 'score', 'mean')]:.3f}" for g in results),
@@ -377,7 +393,6 @@ class MemorizationMonitor:
 
     @staticmethod
     def _roc_figure(rocs: dict, step: int):
-        from matplotlib.figure import Figure
 
         fig = Figure(figsize=(4.2 * len(rocs), 4))
         for k, (name, curves) in enumerate(rocs.items()):
@@ -395,7 +410,6 @@ class MemorizationMonitor:
     # ------------------------------------------------------------------ copy check
     def detector(self, device=None):
         if self._detector is None:
-            from memreg.copy_detect import detector_from_config
 
             self._detector = detector_from_config(self.cfg, device=device)
         return self._detector
@@ -416,43 +430,63 @@ class MemorizationMonitor:
         return self._refs
 
     def run_copy_check(self, step: int, unet) -> tuple[dict[str, float], dict]:
-        from memreg.generation import generate_images
-
-        c = self.cfg
+        """Generate from each group's prompts, match every image to the training set, and log it:
+        (scalars, per-group detail records)."""
         t0 = time.perf_counter()
+        check = self.copy_matches(unet)
+        if check is None:
+            return {}, {}
+        scalars, detail = self.copy_summary(check)
+        self._log_copy_check(step, check, scalars)
+        scalars[tags.COPY_SECONDS] = time.perf_counter() - t0
+        self._log_scalars(scalars, step)
+        writer = self._tb_writer()
+        if writer is not None:
+            writer.flush()
+        logger.info("copy check at step %d: %s (%.1fs)", step,
+                    ", ".join(f"{g} memorized {scalars[tags.copy_stat(g, 'memorized_frac')]:.2f}" for g in detail),
+                    scalars[tags.COPY_SECONDS])
+        return scalars, detail
+
+    def copy_matches(self, unet) -> "CopyCheck | None":
+        """The computing half of the copy check (None when it cannot run): generations and their
+        nearest and own training images under the copy detector."""
+        c = self.cfg
         if not self.train_records:
             logger.warning("memorization monitor: no training records; copy check skipped")
-            return {}, {}
+            return None
         if self.components.vae is None:
             logger.warning("memorization monitor: components have no VAE; copy check skipped")
-            return {}, {}
+            return None
         device = next(unet.parameters()).device
         detector = self.detector(device)
         ref_feats, ref_rows, row_of_hash = self._references(detector)
-        jobs = []  # (group, prompt index, image index, EvalPrompt)
-        for g, items in self.groups().items():
-            for i, p in enumerate(items[:c.max_generate_prompts]):
-                for k in range(c.num_images_per_prompt):
-                    jobs.append((g, i, k, p))
+        jobs = [(g, i, k, p) for g, items in self.groups().items() for i, p in enumerate(items[:c.max_generate_prompts])
+                for k in range(c.num_images_per_prompt)]
         if not jobs:
-            return {}, {}
-        images = generate_images(
+            return None
+        images = generation.generate_images(
             self.components, [j[3].text for j in jobs], [derive_seed("gen", c.seed, j[1], j[2]) for j in jobs],
             unet=unet, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             batch_size=c.batch_size)
         gen_feats = detector.embed(images)
         best, nearest = detector.nearest(gen_feats, ref_feats)
         own = torch.full((len(jobs),), float("nan"))
+        own_rows: list[int | None] = []
         for n, (_, _, _, p) in enumerate(jobs):
-            if p.image_hash is not None and p.image_hash in row_of_hash:
-                r = row_of_hash[p.image_hash]
+            r = row_of_hash.get(p.image_hash) if p.image_hash is not None else None
+            own_rows.append(None if r is None else ref_rows[r])
+            if r is not None:
                 own[n] = detector.similarity(gen_feats[n:n + 1], ref_feats[r:r + 1])[0, 0]
-        thr = detector.threshold
-        scalars: dict[str, float] = {tags.COPY_THRESHOLD: float(thr)}
+        return CopyCheck(jobs, images, best, [ref_rows[int(i)] for i in nearest], own, own_rows,
+                         float(detector.threshold))
+
+    def copy_summary(self, check: "CopyCheck") -> tuple[dict[str, float], dict]:
+        """Per-group copy scalars (``copy/<group>/...``) and detail records of a :class:`CopyCheck`."""
+        thr, best, own = check.threshold, check.best, check.own
+        scalars: dict[str, float] = {tags.COPY_THRESHOLD: thr}
         detail: dict[str, list] = {}
-        writer = self._tb_writer()
-        for g in dict.fromkeys(j[0] for j in jobs):
-            sel = [n for n, j in enumerate(jobs) if j[0] == g]
+        for g, sel in check.groups().items():
             sims = best[sel].numpy()
             scalars[tags.copy_stat(g, "memorized_frac")] = float((sims > thr).mean())
             scalars[tags.copy_stat(g, "sim_mean")] = float(sims.mean())
@@ -462,30 +496,28 @@ class MemorizationMonitor:
                 scalars[tags.copy_stat(g, "own_sim_mean")] = float(np.nanmean(own_g))
                 scalars[tags.copy_stat(g, "own_memorized_frac")] = float(np.mean(own_g[np.isfinite(own_g)] > thr))
                 scalars[tags.copy_stat(g, "own_sim_p95")] = float(np.nanpercentile(own_g, 95))
-            detail[g] = [{"prompt": jobs[n][3].text, "image": jobs[n][2],
+            detail[g] = [{"prompt": check.jobs[n][3].text, "image": check.jobs[n][2],
                           "similarity": float(best[n]), "memorized": bool(best[n] > thr),
-                          "nearest_record_id": self.train_records[ref_rows[int(nearest[n])]].get("id", ref_rows[int(nearest[n])]),
+                          "nearest_record_id": self.train_records[check.nearest_rows[n]].get("id", check.nearest_rows[n]),
                           "own_similarity": None if not np.isfinite(float(own[n])) else float(own[n])} for n in sel]
-            if writer is not None:
-                writer.add_histogram(tags.copy_hist(g), sims, step)
-                rows = []
-                for n in sel[:c.grid_rows]:
-                    p = jobs[n][3]
-                    near_img = load_rgb(self.train_records[ref_rows[int(nearest[n])]]["image"])
-                    own_img = None
-                    if p.image_hash is not None and p.image_hash in row_of_hash:
-                        own_img = load_rgb(self.train_records[ref_rows[row_of_hash[p.image_hash]]]["image"])
-                    rows.append((images[n], near_img, own_img, float(best[n]),
-                                 None if own_img is None else float(own[n]), bool(best[n] > thr), p.text))
-                writer.add_image(tags.copy_grid(g), np.asarray(copy_grid(rows, thr)), step, dataformats="HWC")
-        scalars[tags.COPY_SECONDS] = time.perf_counter() - t0
-        self._log_scalars(scalars, step)
-        if writer is not None:
-            writer.flush()
-        logger.info("copy check at step %d: %s (%.1fs)", step,
-                    ", ".join(f"{g} memorized {scalars[tags.copy_stat(g, 'memorized_frac')]:.2f}" for g in detail),
-                    scalars[tags.COPY_SECONDS])
         return scalars, detail
+
+    def _log_copy_check(self, step: int, check: "CopyCheck", scalars: dict[str, float]) -> None:
+        """Similarity histograms and generation | nearest | own image grids, per group."""
+        writer = self._tb_writer()
+        if writer is None:
+            return
+        for g, sel in check.groups().items():
+            writer.add_histogram(tags.copy_hist(g), check.best[sel].numpy(), step)
+            rows = []
+            for n in sel[:self.cfg.grid_rows]:
+                near_img = load_rgb(self.train_records[check.nearest_rows[n]]["image"])
+                own_row = check.own_rows[n]
+                own_img = None if own_row is None else load_rgb(self.train_records[own_row]["image"])
+                rows.append((check.images[n], near_img, own_img, float(check.best[n]),
+                             None if own_img is None else float(check.own[n]), bool(check.best[n] > check.threshold),
+                             check.jobs[n][3].text))
+            writer.add_image(tags.copy_grid(g), np.asarray(copy_grid(rows, check.threshold)), step, dataformats="HWC")
 
     # ------------------------------------------------------------------ logging
     def _autocast(self):
@@ -530,13 +562,12 @@ class MemorizationMonitor:
         path.write_text(json.dumps(record, indent=1, default=str))
 
 
-def copy_grid(rows, threshold: float, cell: int = 96) -> "Image.Image":
+def copy_grid(rows, threshold: float, cell: int = 96) -> Image.Image:
     """A PIL grid: one row per generation = [generation | nearest training image | own training image].
 
     ``rows``: (generation, nearest, own or None, similarity, own similarity or None, memorized,
     caption). Similarities are written under the images; memorized rows in red.
     """
-    from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     text_h, head_h = 26, 16

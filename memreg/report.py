@@ -1,33 +1,45 @@
-"""``memreg report RUN_DIR [RUN_DIR ...] --out report.html``: a static HTML summary of runs.
+"""A static HTML summary of training/monitoring runs, from their TensorBoard event files.
 
-Reads the TensorBoard event files under each RUN_DIR (recursively, with tensorboard's
+Reads the TensorBoard event files under each run directory (recursively, with tensorboard's
 ``EventAccumulator``; no second logging format) and writes one HTML page with PNG plots in a
-``<name>_files/`` folder beside it (no server, no JavaScript): detection score per prompt group over
-steps, AUC over steps, memorized fraction of the copy check, training loss (``loss_mse``), step time
-(``step_time``), a table of the latest values, the latest image grids and top-k caption table.
-Several RUN_DIRs are compared side by side (one line colour / one column per run).
+``<name>_files/`` folder beside it (no server, no JavaScript): the sections of :data:`SECTIONS`
+(detection score per prompt group over steps, AUC, memorized fraction of the copy check, guard
+selectivity, training loss, step time), a table of the latest values (:data:`SUMMARY_ROWS`), the
+latest image grids and top-k caption table. Several runs are compared side by side (one line colour
+/ one column per run). The ``memreg report`` command is :mod:`memreg.commands.report`.
 
-Exit status: 0 on success, 2 on bad input (a RUN_DIR that is missing or has no event files, an
-existing report without ``--overwrite``).
+Every tag read here is built by :mod:`memreg.log_tags`, the module the writers use, and is looked
+up exactly: a tag the writers rename shows up as "not logged" instead of silently matching another.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
+import io
 import math
 import re
-import sys
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.util import tensor_util
 
 from memreg import log_tags
 from memreg.errors import MemregError
 
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".memreg-report"
-TERMS = ("norm", "align", "score")
 TERM_STYLES = {"score": "-", "norm": "--", "align": ":"}
+
+Tag = str | tuple[str, ...]
+"""A tag, or the tags one quantity is logged under (the first the run logged is read)."""
 
 
 class ReportError(MemregError, ValueError):
@@ -48,16 +60,23 @@ class RunData:
         steps = sorted(d)
         return steps, [d[s] for s in steps]
 
-    def tags_ending(self, name: str) -> list[str]:
-        """Tags whose last component is ``name`` or ``name_<unit>`` (``train/loss_mse``, ``perf/step_time_s``)."""
-        def match(tag: str) -> bool:
-            leaf = tag.rsplit("/", 1)[-1]
-            return leaf == name or leaf.startswith(name + "_")
-        return sorted(t for t in self.scalars if match(t))
+    def logged(self, tags: Tag) -> list[str]:
+        """Which of ``tags`` (one tag or several names of one quantity) this run logged, in that order."""
+        return [t for t in ((tags,) if isinstance(tags, str) else tags) if self.scalars.get(t)]
+
+    def resolve(self, tags: Tag) -> str:
+        """The tag to read ``tags`` from: the first this run logged (else the first, which reads as empty)."""
+        found = self.logged(tags)
+        return found[0] if found else ((tags,) if isinstance(tags, str) else tags)[0]
 
     def latest(self, tag: str) -> float | None:
         d = self.scalars.get(tag)
         return d[max(d)] if d else None
+
+    def median(self, tag: str) -> float | None:
+        """The median over steps (the upper one of an even count)."""
+        vals = sorted(self.scalars.get(tag, {}).values())
+        return vals[len(vals) // 2] if vals else None
 
 
 def find_event_files(run_dir: Path) -> list[Path]:
@@ -66,9 +85,6 @@ def find_event_files(run_dir: Path) -> list[Path]:
 
 def load_run(run_dir: str | Path) -> RunData:
     """All scalars, the latest image and text of each tag, from every event file under ``run_dir``."""
-    from tensorboard.backend.event_processing import event_accumulator as ea
-    from tensorboard.util import tensor_util
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"RUN_DIR {str(run_dir)!r} is not a directory")
@@ -107,7 +123,9 @@ def load_run(run_dir: str | Path) -> RunData:
     return run
 
 
-def _name_runs(runs: list[RunData]) -> None:
+def name_runs(runs: list[RunData]) -> None:
+    """Give each run a display name: its directory name, or its last two path parts where those clash,
+    numbered where still equal (the same directory twice)."""
     names = [r.path.resolve().name or str(r.path) for r in runs]
     for i, r in enumerate(runs):
         if names.count(names[i]) > 1:
@@ -133,8 +151,6 @@ STYLE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
 
 
 def _figure(n_panels: int):
-    from matplotlib.figure import Figure
-
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(4.6 * cols, 3.3 * rows + 0.6), layout="constrained")
@@ -142,22 +158,16 @@ def _figure(n_panels: int):
 
 
 def _save(fig, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     FigureCanvasAgg(fig)
     fig.savefig(str(path), dpi=90)
 
 
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
 
 
 def _hex(color) -> str:
-    from matplotlib.colors import to_hex
-
     return to_hex(color)
 
 
@@ -185,10 +195,10 @@ class Legend:
         return [name for name, _ in self.runs] + [f"{st}: {what}" for st, what in self.styles]
 
 
-def _draw_panel(ax, runs, colors, lines, resolve) -> bool:
+def _draw_panel(ax, runs, colors, lines) -> bool:
     """Step series (one colour per run; earlier runs wider and below, so coinciding curves stay
     visible), or grouped bars when no line of the panel has more than one point."""
-    series = [[run.series(resolve(tag, run)) for tag, _, _ in lines] for run in runs]
+    series = [[run.series(run.resolve(tag)) for tag, _, _ in lines] for run in runs]
     if max(len(st) for per_run in series for st, _ in per_run) <= 1:
         width = 0.8 / len(runs)
         for k, (per_run, color) in enumerate(zip(series, colors)):
@@ -210,34 +220,29 @@ def _draw_panel(ax, runs, colors, lines, resolve) -> bool:
     return True
 
 
-def plot_panels(runs: list[RunData], panels: list[tuple[str, list[tuple[str, str, str]]]], path: Path,
+def plot_panels(runs: list[RunData], panels: list[tuple[str, list[tuple[Tag, str, str]]]], path: Path,
                 ylabel: str) -> Legend | None:
     """One subplot per panel (title, [(tag, linestyle, label suffix)]), one colour per run, and one
     legend for the figure below the panels. Returns the legend (None: nothing logged, no file).
 
-    A ``tag`` may be a function of the run (runs that name the same quantity differently)."""
-    from matplotlib.lines import Line2D
-
-    def resolve(tag, run):
-        return tag(run) if callable(tag) else tag
-
+    A ``tag`` may be a tuple of the names one quantity is logged under (:meth:`RunData.resolve`)."""
     panels = [(t, lines) for t, lines in panels
-              if any(run.scalars.get(resolve(tag, run)) for run in runs for tag, _, _ in lines)]
+              if any(run.scalars.get(run.resolve(tag)) for run in runs for tag, _, _ in lines)]
     if not panels:
         return None
     fig, axes = _figure(len(panels))
     colors = _colors(len(runs))
     drew_lines = False
     for ax, (title, lines) in zip(axes, panels):
-        drew_lines |= _draw_panel(ax, runs, colors, lines, resolve)
+        drew_lines |= _draw_panel(ax, runs, colors, lines)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     styles = {style: suffix.strip() for _, lines in panels for _, style, suffix in lines if suffix.strip()}
-    logged = [any(run.scalars.get(resolve(tag, run)) for _, lines in panels for tag, _, _ in lines) for run in runs]
+    logged = [any(run.scalars.get(run.resolve(tag)) for _, lines in panels for tag, _, _ in lines) for run in runs]
     legend = Legend([(r.name + ("" if ok else " (not logged)"), _hex(c)) for r, c, ok in zip(runs, colors, logged)],
                     [(STYLE_NAMES.get(st, st), what) for st, what in styles.items()] if len(styles) > 1 and drew_lines else [])
-    data = [[run.series(resolve(tag, run)) for _, lines in panels for tag, _, _ in lines] for run in runs]
+    data = [[run.series(run.resolve(tag)) for _, lines in panels for tag, _, _ in lines] for run in runs]
     legend.coincide = [(runs[i].name, runs[j].name) for i in range(len(runs)) for j in range(i + 1, len(runs))
                        if logged[i] and data[i] == data[j]]
     handles = [Line2D([], [], color=c, lw=2.5) for c in colors]
@@ -249,6 +254,129 @@ def plot_panels(runs: list[RunData], panels: list[tuple[str, list[tuple[str, str
     return legend
 
 
+# ---------------------------------------------------------------------- what the page shows
+@dataclass(frozen=True)
+class Curve:
+    """One line of a panel: ``tag`` (``"{}"`` stands for the panel's group), its line style, and what
+    the style means in the legend (``" mean"``; empty: the style needs no legend entry)."""
+
+    tag: Tag
+    style: str = "-"
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: its title (``"{}"`` stands for the group) and its curves."""
+
+    title: str
+    curves: tuple[Curve, ...]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One plot of the page (a heading, one PNG of panels, a note above it).
+
+    ``groups``: a tag pattern (``"{}"`` for the group, as :func:`_groups_with` reads it) whose groups
+    the runs logged, or a fixed tuple of groups; ``panels`` are repeated for each group, in order.
+    ``None``: ``panels`` once. ``spaced``: underscores of the group are shown as spaces in titles."""
+
+    title: str
+    file: str
+    ylabel: str
+    panels: tuple[Panel, ...]
+    groups: str | tuple[str, ...] | None = None
+    note: str = ""
+    spaced: bool = False
+
+
+def _terms(tag_of) -> tuple[Curve, ...]:
+    """One curve per score term (score, norm, align), told apart by line style."""
+    return tuple(Curve(tag_of(t), TERM_STYLES[t], f" {t}") for t in log_tags.SCORE_TERMS)
+
+
+_GROUP_SCORE = log_tags.eval_stat("{}", "score", "mean")
+
+SECTIONS: list[Section] = [
+    Section("Detection score per prompt group", "score_curves.png", "anisotropy score",
+            (Panel("{}", (Curve(_GROUP_SCORE, "-", " mean"),
+                          Curve(log_tags.eval_stat("{}", "score", "p95"), "--", " p95"))),),
+            groups=_GROUP_SCORE, note="solid: mean over the group's prompts; dashed: 95th percentile"),
+    Section("Norm and alignment terms per group", "term_curves.png", "mean over prompts",
+            tuple(Panel(f"{{}}: {t}", (Curve(log_tags.eval_stat("{}", t, "mean")),)) for t in ("norm", "align")),
+            groups=_GROUP_SCORE),
+    Section("Detection AUC over steps", "auc_curves.png", "AUC",
+            (Panel("{}", _terms(lambda t: log_tags.eval_auc("{}", t))),),
+            groups=log_tags.eval_auc("{}", "score"), note="solid: combined score; dashed: norm; dotted: align",
+            spaced=True),
+    Section("Detection TPR at 1% FPR over steps", "tpr_curves.png", "TPR @ 1% FPR",
+            (Panel("{}", _terms(lambda t: log_tags.eval_tpr("{}", t))),),
+            groups=log_tags.eval_tpr("{}", "score"), spaced=True),
+    Section("Copy check: memorized fraction", "memorized_frac.png", "fraction of generations over the threshold",
+            (Panel("{}", (Curve(log_tags.copy_stat("{}", "memorized_frac")),)),),
+            groups=log_tags.copy_stat("{}", "memorized_frac")),
+    Section("Copy check: 95th-percentile similarity to the nearest training image", "copy_sim_p95.png", "similarity",
+            (Panel("{}", (Curve(log_tags.copy_stat("{}", "sim_p95")),)),),
+            groups=log_tags.copy_stat("{}", "sim_p95")),
+    Section("Guard selectivity: training samples gated and probes fired", "guard_selectivity.png", "share per step",
+            (Panel("{}", (Curve(log_tags.guard_gate_rate("{}"), "-", " gated"),
+                          Curve(log_tags.guard_fire_rate("{}"), "--", " fired"))),),
+            groups=log_tags.FIRE_GROUPS,
+            note="solid: the step's training samples the gate left out of the loss; dashed: the step's probes over "
+                 "the threshold (penalty guard; groups as the monitor finds duplicates)"),
+    Section("Training loss (loss_mse)", "loss.png", "loss",
+            (Panel("loss_mse", (Curve(log_tags.TRAIN_LOSS_MSE_NAMES),)),)),
+    Section("Step time (step_time)", "step_time.png", "seconds",
+            (Panel("step_time", (Curve(log_tags.PERF_STEP_TIME_NAMES),)),)),
+]
+"""The plots of the page, in order; :func:`build_report` walks this list."""
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One row of the "Latest values" table: ``label`` (``"{}"``: the group), the tag read
+    (``"{}"``: the group; one row per group the runs logged), and the statistic over steps."""
+
+    label: str
+    tag: Tag
+    stat: str = "latest"          # "latest" or "median"
+    per_group: bool = False
+    spaced: bool = False
+
+
+SUMMARY_ROWS: list[SummaryRow] = [
+    SummaryRow("score mean: {} (latest)", _GROUP_SCORE, per_group=True),
+    SummaryRow("AUC {}: score (latest)", log_tags.eval_auc("{}", "score"), per_group=True, spaced=True),
+    SummaryRow("memorized fraction: {} (latest)", log_tags.copy_stat("{}", "memorized_frac"), per_group=True),
+    SummaryRow("loss_mse (latest)", log_tags.TRAIN_LOSS_MSE_NAMES),
+    SummaryRow("step_time median (s)", log_tags.PERF_STEP_TIME_NAMES, stat="median"),
+    SummaryRow("eval seconds (latest)", log_tags.EVAL_SECONDS),
+]
+"""The rows of the "Latest values" table after "last step (any scalar)", in order."""
+
+
+def _fill(tag: Tag, group: str) -> Tag:
+    """``tag`` with its ``"{}"`` replaced by ``group``."""
+    return tag.replace("{}", group) if isinstance(tag, str) else tuple(t.replace("{}", group) for t in tag)
+
+
+def _section_groups(runs: list[RunData], groups: str | tuple[str, ...] | None) -> list[str | None]:
+    if groups is None:
+        return [None]
+    return list(groups) if isinstance(groups, tuple) else _groups_with(runs, groups)
+
+
+def section_panels(runs: list[RunData], section: Section) -> list[tuple[str, list[tuple[Tag, str, str]]]]:
+    """The panels of ``section`` for these runs, as :func:`plot_panels` takes them."""
+    out = []
+    for g in _section_groups(runs, section.groups):
+        shown = "" if g is None else (g.replace("_", " ") if section.spaced else g)
+        for p in section.panels:
+            curves = [(c.tag if g is None else _fill(c.tag, g), c.style, c.label) for c in p.curves]
+            out.append((p.title.replace("{}", shown), curves))
+    return out
+
+
 # ---------------------------------------------------------------------- html
 def _fmt(v: float | None) -> str:
     if v is None:
@@ -257,6 +385,7 @@ def _fmt(v: float | None) -> str:
 
 
 def _summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
+    """The "Latest values" table: "last step (any scalar)", then :data:`SUMMARY_ROWS` (rows no run logged left out)."""
     rows: list[tuple[str, list[str]]] = []
 
     def add(label: str, fn):
@@ -265,31 +394,11 @@ def _summary_rows(runs: list[RunData]) -> list[tuple[str, list[str]]]:
             rows.append((label, [_fmt(v) for v in vals]))
 
     add("last step (any scalar)", lambda r: max((max(d) for d in r.scalars.values() if d), default=None))
-    for g in _groups_with(runs, log_tags.eval_stat("{}", "score", "mean")):
-        add(f"score mean: {g} (latest)", lambda r, g=g: r.latest(log_tags.eval_stat(g, "score", "mean")))
-    for c in _groups_with(runs, log_tags.eval_auc("{}", "score")):
-        add(f"AUC {c.replace('_', ' ')}: score (latest)", lambda r, c=c: r.latest(log_tags.eval_auc(c, "score")))
-    for g in _groups_with(runs, log_tags.copy_stat("{}", "memorized_frac")):
-        add(f"memorized fraction: {g} (latest)", lambda r, g=g: r.latest(log_tags.copy_stat(g, "memorized_frac")))
-
-    def last_of(suffix):
-        def fn(r):
-            tags = r.tags_ending(suffix)
-            return r.latest(tags[0]) if tags else None
-        return fn
-
-    def median_of(suffix):
-        def fn(r):
-            tags = r.tags_ending(suffix)
-            if not tags:
-                return None
-            vals = sorted(r.scalars[tags[0]].values())
-            return vals[len(vals) // 2] if vals else None
-        return fn
-
-    add("loss_mse (latest)", last_of("loss_mse"))
-    add("step_time median (s)", median_of("step_time"))
-    add("eval seconds (latest)", lambda r: r.latest(log_tags.EVAL_SECONDS))
+    for row in SUMMARY_ROWS:
+        for g in (_groups_with(runs, row.tag) if row.per_group else [None]):
+            tag = row.tag if g is None else _fill(row.tag, g)
+            label = row.label if g is None else row.label.replace("{}", g.replace("_", " ") if row.spaced else g)
+            add(label, lambda r, tag=tag: getattr(r, row.stat)(r.resolve(tag)))
     return rows
 
 
@@ -328,7 +437,7 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report",
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
     parts += _extra_figures_html(extra_figures or [], assets, written)
     if any(not r.name for r in runs) or len({r.name for r in runs}) < len(runs):
-        _name_runs(runs)  # callers that build RunData themselves (the demo) get names too
+        name_runs(runs)  # callers that build RunData themselves (the demo) get names too
     colors = [_hex(c) for c in _colors(len(runs))]
 
     def swatch(k: int) -> str:
@@ -348,56 +457,17 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report",
             parts.append(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
         parts.append("</table>")
 
-    def section(heading: str, fname: str, panels, ylabel: str, note: str = ""):
-        path = assets / fname
-        parts.append(f"<h2>{e(heading)}</h2>")
-        legend = plot_panels(runs, panels, path, ylabel)
-        if legend is not None:
-            written.append(path)
-            if note:
-                parts.append(f"<p class='note'>{e(note)}</p>")
-            parts.append(figure_html(f"{e(assets.name)}/{e(fname)}", heading, legend))
-        else:
+    for sec in SECTIONS:
+        path = assets / sec.file
+        parts.append(f"<h2>{e(sec.title)}</h2>")
+        legend = plot_panels(runs, section_panels(runs, sec), path, sec.ylabel)
+        if legend is None:
             parts.append("<p class='note'>not logged in these runs</p>")
-
-    groups = _groups_with(runs, log_tags.eval_stat("{}", "score", "mean"))
-    section("Detection score per prompt group", "score_curves.png",
-            [(g, [(log_tags.eval_stat(g, "score", "mean"), "-", " mean"),
-                  (log_tags.eval_stat(g, "score", "p95"), "--", " p95")]) for g in groups],
-            "anisotropy score", "solid: mean over the group's prompts; dashed: 95th percentile")
-    section("Norm and alignment terms per group", "term_curves.png",
-            [(f"{g}: {t}", [(log_tags.eval_stat(g, t, "mean"), "-", "")]) for g in groups for t in ("norm", "align")],
-            "mean over prompts")
-    contrasts = _groups_with(runs, log_tags.eval_auc("{}", "score"))
-    section("Detection AUC over steps", "auc_curves.png",
-            [(c.replace("_", " "), [(log_tags.eval_auc(c, t), TERM_STYLES[t], f" {t}") for t in TERMS]) for c in contrasts],
-            "AUC", "solid: combined score; dashed: norm; dotted: align")
-    section("Detection TPR at 1% FPR over steps", "tpr_curves.png",
-            [(c.replace("_", " "), [(log_tags.eval_tpr(c, t), TERM_STYLES[t], f" {t}") for t in TERMS])
-             for c in _groups_with(runs, log_tags.eval_tpr("{}", "score"))], "TPR @ 1% FPR")
-    section("Copy check: memorized fraction", "memorized_frac.png",
-            [(g, [(log_tags.copy_stat(g, "memorized_frac"), "-", "")])
-             for g in _groups_with(runs, log_tags.copy_stat("{}", "memorized_frac"))],
-            "fraction of generations over the threshold")
-    section("Copy check: 95th-percentile similarity to the nearest training image", "copy_sim_p95.png",
-            [(g, [(log_tags.copy_stat(g, "sim_p95"), "-", "")])
-             for g in _groups_with(runs, log_tags.copy_stat("{}", "sim_p95"))], "similarity")
-
-    section("Guard selectivity: training samples gated and probes fired", "guard_selectivity.png",
-            [(g, [(log_tags.guard_gate_rate(g), "-", " gated"), (log_tags.guard_fire_rate(g), "--", " fired")])
-             for g in log_tags.FIRE_GROUPS], "share per step",
-            "solid: the step's training samples the gate left out of the loss; dashed: the step's probes over "
-            "the threshold (penalty guard; groups as the monitor finds duplicates)")
-
-    def first_tag(name):
-        def fn(run):  # the exact leaf (train/loss_mse) before unit-suffixed ones
-            tags = sorted(run.tags_ending(name), key=lambda t: t.rsplit("/", 1)[-1] != name)
-            return tags[0] if tags else ""
-        return fn
-
-    section("Training loss (loss_mse)", "loss.png", [("loss_mse", [(first_tag("loss_mse"), "-", "")])], "loss")
-    section("Step time (step_time)", "step_time.png", [("step_time", [(first_tag("step_time"), "-", "")])],
-            "seconds")
+            continue
+        written.append(path)
+        if sec.note:
+            parts.append(f"<p class='note'>{e(sec.note)}</p>")
+        parts.append(figure_html(f"{e(assets.name)}/{e(sec.file)}", sec.title, legend))
 
     parts += _latest_media_html(runs, run_headers, assets, written)
     parts.append("</body></html>")
@@ -406,11 +476,8 @@ def build_report(runs: list[RunData], out: Path, title: str = "memreg report",
     return written
 
 
-
 def _extra_figures_html(figures: list[tuple[Path, str, str]], assets: Path, written: list[Path]) -> list[str]:
     """Each ``(png_path, heading, caption)`` copied to ``assets`` (added to ``written``) as a figure."""
-    import shutil
-
     e = html.escape
     for png, _, _ in figures:
         if not Path(png).is_file():
@@ -461,65 +528,10 @@ def _latest_media_html(runs: list[RunData], run_headers: str, assets: Path, writ
                     parts.append(f"<p><b>{e(r.name)}</b> (step {step})</p><pre>{e(text)}</pre>")
     return parts
 
+
 def _write_png(data: bytes, path: Path) -> None:
     """Save an encoded TensorBoard image as PNG (re-encoded if it is another format)."""
-    import io
-
-    from PIL import Image
-
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         path.write_bytes(data)
     else:
         Image.open(io.BytesIO(data)).save(path, format="PNG")
-
-
-# ---------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="training output dir(s); event files are found recursively")
-    parser.add_argument("--out", required=True, help="HTML file to write (PNGs go to <name>_files/ beside it)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    parser.add_argument("--title", default=None, help="page title (default: names the runs)")
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    assets = out.parent / f"{out.stem}_files"
-    try:
-        if out.suffix.lower() not in (".html", ".htm"):
-            raise ReportError(f"--out {str(out)!r}: expected an .html file")
-        if out.is_dir():
-            raise ReportError(f"--out {str(out)!r} is a directory")
-        if not args.overwrite:
-            if out.exists():
-                raise ReportError(f"{str(out)!r} exists; pass --overwrite to replace it")
-            if assets.exists() and any(assets.iterdir()):
-                raise ReportError(f"{str(assets)!r} exists and is not empty; pass --overwrite to replace the report")
-        elif assets.exists() and any(assets.iterdir()) and not (assets / MARKER).is_file():
-            raise ReportError(f"{str(assets)!r} exists but was not written by memreg report; not touching it")
-        runs = [load_run(d) for d in args.run_dirs]
-    except ReportError as err:
-        print(f"memreg report: error: {err}", file=sys.stderr)
-        return 2
-    _name_runs(runs)
-    if args.overwrite and (assets / MARKER).is_file():
-        for name in (assets / MARKER).read_text().split():
-            p = assets / name
-            if p.parent == assets and p.is_file():
-                p.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    title = args.title or "memreg report: " + ", ".join(r.name for r in runs)
-    written = build_report(runs, out, title)
-    print(f"wrote {out} ({len(written)} PNGs in {assets})")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memreg report", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,12 +17,15 @@ noise (:func:`noise_latents`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from memreg.keys import text_key
+from memreg.log_tags import SCORE_TERMS
 
 PRESETS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
 SPACES = ("eps", "score")
@@ -228,10 +231,27 @@ class AnisotropyScore:
         return self.alphas_cumprod[t].to(device=like.device, dtype=torch.float32).expand(like.shape[0])
 
 
+def default_preset(prediction_type: str | None) -> str:
+    """The paper's weights for a model: ``sd2`` for v-prediction (SD 2.x), ``sd1`` otherwise."""
+    return "sd2" if prediction_type == "v_prediction" else "sd1"
+
+
+def make_scorer(unet, scheduler, *, preset: str | None = None, g1: float | None = None, g2: float | None = None,
+                t_hi: int | None = None, t_lo: int | None = None, prediction_type: str | None = None,
+                space: str = "eps") -> AnisotropyScore:
+    """The scorer for this model, by the one weight rule every caller uses: ``preset`` if given, else
+    ``g1``/``g2`` if both are given, else :func:`default_preset` of the model's prediction type."""
+    pt = prediction_type or scheduler.config.prediction_type
+    if preset is None and (g1 is None or g2 is None):
+        preset = default_preset(pt)
+    if preset is not None:
+        return AnisotropyScore(unet, scheduler, t_hi=t_hi, t_lo=t_lo, preset=preset, prediction_type=pt, space=space)
+    return AnisotropyScore(unet, scheduler, t_hi=t_hi, t_lo=t_lo, g1=g1, g2=g2, prediction_type=pt, space=space)
+
+
 def prompt_seed(seed: int, prompt: str) -> int:
-    """A 63-bit generator seed from (noise seed, prompt text)."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """A 63-bit generator seed from (noise seed, prompt text): :func:`memreg.keys.text_key`."""
+    return text_key(prompt, seed)
 
 
 def noise_latents(unet, prompts: Sequence[str], seed: int, noise: str = "shared", device=None) -> Tensor:
@@ -311,6 +331,28 @@ def score_prompts(scorer: AnisotropyScore, encode: Callable[[list[str]], Tensor]
         return ScoreOutput(*(torch.zeros(len(draws), 0) for _ in range(4)))
     stacked = {k: torch.stack([torch.cat(r) for r in v]) for k, v in rows.items()}
     return ScoreOutput(**stacked)
+
+
+def mean_scores(scorer: AnisotropyScore, encoder, prompts: Sequence[str], seeds: Sequence[int], *,
+                noise: str = "shared", batch_size: int = 16, share_uncond: bool = True,
+                encode: Callable[[list[str]], Tensor] | None = None,
+                on_batch: Callable | None = None) -> dict[str, np.ndarray]:
+    """``{term: (len(prompts),) float64}``: each of ``SCORE_TERMS`` averaged over the noise seeds.
+
+    The one prompt-list scorer of detect, the monitor, the audit and the guard's report: prompts
+    encoded by ``encoder`` (``encode(texts)`` / ``uncond()``, a :class:`memreg.encoding.PromptEncoder`;
+    ``encode`` overrides its ``encode(texts).embeds``), x_T from :func:`noise_latents` (so a prompt's
+    value depends on (prompt, seeds) only), batches through :func:`score_prompts`; ``share_uncond``
+    computes the unconditional half once per seed when the noise is shared.
+    """
+    unet = scorer.unet
+    device = next(unet.parameters()).device
+    encode = encode or (lambda texts: encoder.encode(texts).embeds)
+    out = score_prompts(scorer, lambda texts: encode(texts).to(device), encoder.uncond().to(device), list(prompts),
+                        lambda texts, lo, seed: noise_latents(unet, texts, seed, noise, device=device),
+                        draws=[int(s) for s in seeds], batch_size=batch_size,
+                        shared_noise=noise == "shared" and share_uncond, on_batch=on_batch)
+    return {t: getattr(out, t).double().mean(dim=0).numpy() for t in SCORE_TERMS}
 
 
 @torch.no_grad()

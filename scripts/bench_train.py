@@ -6,8 +6,8 @@
 Per training mode (``--modes``; ``lora``: the UNet's attention LoRA; ``full``: the whole UNet, text
 encoder frozen; both from configs/tiny_cpu.yaml, batch 4, 32 px) one block of configs: ``none``
 (plain fine-tuning); ``penalty defaults``: the guard keys reset to the
-:class:`memreg.guards.penalty.PenaltyConfig` defaults (the YAML's guard settings are dropped, except
-its small calibration size, a one-off setup cost); ``penalty every batch``: the same with
+:class:`memreg.guards.anisotropy_gate.config.AnisotropyGateConfig` defaults (the YAML's guard
+settings are dropped, except its small calibration size, a one-off setup cost); ``penalty every batch``: the same with
 ``every_n_steps 1, probes_per_step 1``; ``agc`` (anti-gradient control: a mask, no extra forward).
 ``--k 1 4`` adds the defaults at other probe counts (off by default: each adds a run per mode and
 repetition; the issue's targets are about the defaults only). Runs are in-process; within a mode's
@@ -51,6 +51,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from memreg import log_tags as tags  # noqa: E402
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig  # noqa: E402
+from memreg.training.config import load_config  # noqa: E402
+from memreg.training.loop import train  # noqa: E402
+from memreg.training.metrics import SavedTensorMeter  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 MODES = ("lora", "full")
@@ -62,9 +71,6 @@ METRICS = ("step", "active", "inactive", "act", "heap")
 
 
 def write_imagefolder(root: Path, n: int = 16) -> Path:
-    import numpy as np
-    from PIL import Image
-
     words = ["red", "blue", "green", "yellow", "white", "black", "pink", "brown"]
     shapes = ["circle", "square", "triangle", "star"]
     root.mkdir(parents=True, exist_ok=True)
@@ -112,13 +118,7 @@ class HeapSampler:
         self.peak = max(self.peak, self.used())
 
 
-
-
 def run_once(argv: list[str], overrides: dict):
-    from memreg.training.config import load_config
-    from memreg.training.loop import train
-    from memreg.training.metrics import SavedTensorMeter
-
     cfg = load_config(argv, overrides=overrides)
     meter = SavedTensorMeter()
     gc.collect()  # the previous run's cyclic garbage, freed mid-run, would otherwise lower this run's peak - base
@@ -128,10 +128,8 @@ def run_once(argv: list[str], overrides: dict):
 
 
 def penalty_defaults() -> dict:
-    """``guard.*`` overrides: the penalty at PenaltyConfig's defaults (whatever tiny_cpu.yaml sets)."""
-    from memreg.guards.penalty import PenaltyConfig
-
-    d = PenaltyConfig()
+    """``guard.*`` overrides: the penalty at AnisotropyGateConfig's defaults (whatever tiny_cpu.yaml sets)."""
+    d = AnisotropyGateConfig()
     return {"guard.type": "penalty", **{f"guard.{f.name}": getattr(d, f.name) for f in dataclasses.fields(d)
                                         if f.name not in KEPT_YAML_GUARD_KEYS}}
 
@@ -155,12 +153,12 @@ def run_argv(model: Path, data: Path, out: Path, steps: int) -> list[str]:
 def summarize(res, heap_peak: float) -> dict:
     """One run's figures; the first (warm-up) step is dropped."""
     logs = [lg for lg in res.logs if lg["step"] >= 2]
-    times = [lg["perf/step_time_s"] for lg in logs]
-    active = [lg["perf/step_time_s"] for lg in logs if "guard/penalty" in lg]
-    inactive = [lg["perf/step_time_s"] for lg in logs if "guard/penalty" not in lg]
+    times = [lg[tags.PERF_STEP_TIME] for lg in logs]
+    active = [lg[tags.PERF_STEP_TIME] for lg in logs if tags.GUARD_PENALTY in lg]
+    inactive = [lg[tags.PERF_STEP_TIME] for lg in logs if tags.GUARD_PENALTY not in lg]
     return {"step": statistics.fmean(times), "active": statistics.median(active) if active else None,
             "inactive": statistics.median(inactive) if inactive else None,
-            "act": max(lg["perf/activation_mb"] for lg in res.logs), "heap": heap_peak}
+            "act": max(lg[tags.PERF_ACTIVATION_MB] for lg in res.logs), "heap": heap_peak}
 
 
 def run_block(mode: str, configs: dict[str, dict], root: Path, model: Path, data: Path, steps: int, reps: int):
@@ -206,9 +204,8 @@ def print_block(mode: str, med: dict, header: str) -> None:
 def block_header(mode: str, base, args, steps: int, elapsed: float) -> str:
     import torch
 
-    from memreg.guards.penalty import PenaltyConfig
 
-    d = PenaltyConfig()
+    d = AnisotropyGateConfig()
     what = "UNet attention LoRA" if mode == "lora" else "whole UNet, text encoder frozen"
     return (f"bench_train: tiny SD, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
             f"{base.resolution} px), torch {torch.__version__}, {args.threads} threads, device cpu\n"
@@ -235,12 +232,10 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from memreg.guards.penalty import PenaltyConfig
-    from memreg.training.config import load_config
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
-    d = PenaltyConfig()
+    d = AnisotropyGateConfig()
     steps = 1 + args.cycles * d.every_n_steps
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

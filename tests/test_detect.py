@@ -223,7 +223,7 @@ def test_batch_of_4_equals_single_calls(loop_parts, noise):
 
 
 def test_noise_depends_on_seed_and_mode_not_on_order(loop_parts):
-    from memreg.detect import noise_latents
+    from memreg.score import noise_latents
 
     comps, _, _, prompts = loop_parts
     unet = comps.unet

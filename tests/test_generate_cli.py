@@ -1,4 +1,4 @@
-"""``memreg generate`` (memreg/generate_cli.py) on the tiny pipeline."""
+"""``memreg generate`` (memreg/commands/generate.py) on the tiny pipeline."""
 
 from __future__ import annotations
 

@@ -1,15 +1,21 @@
-"""MemorizationPenalty: hand-computed losses, gradients, fused forward, RNG isolation, calibration."""
+"""The anisotropy gate's parts (memreg/guards/anisotropy_gate/): hand-computed losses, gradients, fused
+forward, RNG isolation, calibration."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from memreg.encoding import PromptEncoder
-from memreg.guards.penalty import Calibration, MemorizationPenalty, make_scorer
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
+from memreg.guards.anisotropy_gate.loss import bound_force, penalty
+from memreg.guards.anisotropy_gate.probes import PROBE_MEMORY_SHARE, ProbeSampler, auto_probe_checkpointing
+from memreg.guards.anisotropy_gate.threshold import AbsoluteThreshold, Calibration, Calibrator
+from memreg.score import AnisotropyScore, make_scorer
 
 
 class _FakeScorer:
@@ -18,9 +24,39 @@ class _FakeScorer:
     g1 = 1.0
 
 
-def _pen(**kw) -> MemorizationPenalty:
+class _Pen:
+    """The absolute threshold's loss path as the guard wires it, from a validated config."""
+
+    def __init__(self, scorer=None, seed: int = 0, **kw):
+        cfg = AnisotropyGateConfig(**{"reference": "none", **kw})
+        self.mode = cfg.mode
+        self.calibrator = Calibrator.from_config(cfg)
+        self.threshold = AbsoluteThreshold.from_config(cfg, self.calibrator)
+        self.probes = ProbeSampler.from_config(cfg, scorer or _FakeScorer(), seed=seed, process_index=0)
+
+    def penalty(self, values):
+        verdict = self.threshold.compare(values)
+        return penalty(self.mode, verdict), verdict.over
+
+    def compute(self, out, probe) -> SimpleNamespace:
+        values, norm = self.probes.values_from_output(out, probe.latents)
+        loss, over = self.penalty(values)
+        return SimpleNamespace(loss=loss, values=values.detach(), norm=norm.detach(), over=over)
+
+    def calibrate(self, prompts, encode, uncond, latent_shape) -> Calibration:
+        return self.calibrator.calibrate_from_values(*self.probes.score_sample(prompts, encode, uncond, latent_shape))
+
+    def state_dict(self) -> dict:
+        return {**self.probes.state_dict(), **self.calibrator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probes.load_state_dict(state)
+        self.calibrator.load_state_dict(state)
+
+
+def _pen(**kw) -> _Pen:
     kw.setdefault("zscore", "none")
-    return MemorizationPenalty(_FakeScorer(), **kw)
+    return _Pen(**kw)
 
 
 def test_hinge_equals_hand_computation():
@@ -54,7 +90,7 @@ def test_hinge_zero_below_tau_and_gradient_above():
 
 def test_zscore_calib_by_hand():
     pen = _pen(mode="hinge", tau=3.0, zscore="calib")
-    pen.set_calibration(Calibration(tau=3.0, mu=1.0, sigma=2.0, ref_norm=1.0, num_values=10, quantile=0.95,
+    pen.calibrator.set_calibration(Calibration(tau=3.0, mu=1.0, sigma=2.0, ref_norm=1.0, num_values=10, quantile=0.95,
                                     frac_over=0.1))
     s = torch.tensor([2.0, 5.0], requires_grad=True)
     loss, over = pen.penalty(s)
@@ -77,21 +113,22 @@ def test_zscore_batch_by_hand():
 
 def test_weight_zero_gives_zero_weighted_penalty_and_schedule():
     pen = _pen(mode="hinge", tau=0.0, weight=0.0, every_n_steps=3, warmup_steps=3)
-    assert [s for s in range(10) if pen.active(s)] == [3, 6, 9]
+    assert [s for s in range(10) if pen.probes.active(s)] == [3, 6, 9]
 
 
 def test_update_tau_ema_by_hand():
     pen = _pen(tau=1.0, tau_ema=0.25, tau_quantile=0.5)
-    pen.update_tau(torch.tensor([1.0, 2.0, 3.0]))  # median 2.0
-    assert pen.tau == pytest.approx(0.75 * 1.0 + 0.25 * 2.0)
+    pen.calibrator.update_tau(torch.tensor([1.0, 2.0, 3.0]))  # median 2.0
+    assert pen.calibrator.tau == pytest.approx(0.75 * 1.0 + 0.25 * 2.0)
 
 
 def test_cond_ratio_by_hand():
     pen = _pen(tau=1.0)
-    pen.set_calibration(Calibration(tau=1.0, mu=0, sigma=1, ref_norm=0.5, num_values=4, quantile=0.95, frac_over=0))
-    r = pen.cond_ratio(torch.tensor([0.5, 0.8, 2.0]), torch.tensor([0.2, 0.4, 9.0]))
+    pen.calibrator.set_calibration(Calibration(tau=1.0, mu=0, sigma=1, ref_norm=0.5, num_values=4, quantile=0.95,
+                                               frac_over=0))
+    r = pen.calibrator.cond_ratio(torch.tensor([0.5, 0.8, 2.0]), torch.tensor([0.2, 0.4, 9.0]))
     assert r == pytest.approx(((0.2 + 0.4) / 2) / 0.5)
-    assert math.isnan(pen.cond_ratio(torch.tensor([3.0]), torch.tensor([1.0])))
+    assert math.isnan(pen.calibrator.cond_ratio(torch.tensor([3.0]), torch.tensor([1.0])))
 
 
 def test_invalid_arguments():
@@ -119,11 +156,11 @@ def test_make_scorer_presets(eps_components, v_components):
 @pytest.mark.parametrize("term", ["combined", "norm", "align"])
 def test_fused_forward_probe_part_equals_scorer(scorer_setup, term):
     comps, scorer, enc = scorer_setup
-    pen = MemorizationPenalty(scorer, probes_per_step=2, every_n_steps=1, term=term, tau=0.0, zscore="none", seed=3)
+    pen = _Pen(scorer, probes_per_step=2, every_n_steps=1, term=term, tau=0.0, zscore="none", seed=3)
     embeds = enc.encode(["a red circle", "a blue square", "a green star"]).embeds
     uncond = enc.uncond()
     latent_shape = (4, 16, 16)
-    probe = pen.prepare(embeds, uncond, latent_shape, step=0)
+    probe = pen.probes.prepare(embeds, uncond, latent_shape, step=0)
     assert probe.size == 2 * (4 if term == "combined" else 2)
     # a denoising batch in front, as the training loop builds it
     noisy = torch.randn(3, *latent_shape, generator=torch.Generator().manual_seed(0))
@@ -150,9 +187,9 @@ def test_fused_forward_probe_part_equals_scorer(scorer_setup, term):
 
 def test_penalty_has_gradient_through_unet(scorer_setup):
     comps, scorer, enc = scorer_setup
-    pen = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.0, zscore="none", seed=0)
+    pen = _Pen(scorer, probes_per_step=1, every_n_steps=1, tau=0.0, zscore="none", seed=0)
     embeds = enc.encode(["a red circle"]).embeds
-    probe = pen.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    probe = pen.probes.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
     w = comps.unet.conv_out.weight
     w.requires_grad_(True)
     try:
@@ -168,21 +205,21 @@ def test_penalty_has_gradient_through_unet(scorer_setup):
 
 def test_probes_never_touch_the_global_rng(scorer_setup):
     comps, scorer, enc = scorer_setup
-    pen = MemorizationPenalty(scorer, probes_per_step=2, every_n_steps=1, tau="auto", calibration_prompts=3,
+    pen = _Pen(scorer, probes_per_step=2, every_n_steps=1, tau="auto", calibration_prompts=3,
                               calibration_seeds=1, seed=0)
     embeds = enc.encode(["a red circle", "a blue square"]).embeds
     torch.manual_seed(123)
     before = torch.get_rng_state()
     pen.calibrate(["a red circle", ["a blue square", "a cat"], "a dog"], lambda c: enc.encode(c).embeds,
                   enc.uncond(), (4, 16, 16))
-    pen.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    pen.probes.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
     assert torch.equal(before, torch.get_rng_state())
 
 
 def test_calibration_tau_is_the_quantile_of_hand_scored_draws(scorer_setup):
     comps, scorer, enc = scorer_setup
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a white ring"]
-    pen = MemorizationPenalty(scorer, tau="auto", tau_quantile=0.8, calibration_prompts=4, calibration_seeds=2, seed=5)
+    pen = _Pen(scorer, tau="auto", tau_quantile=0.8, calibration_prompts=4, calibration_seeds=2, seed=5)
     cal = pen.calibrate(prompts, lambda c: enc.encode(c).embeds, enc.uncond(), (4, 16, 16))
     # Independent re-derivation of the documented draw protocol: generator(seed) -> randperm -> noise per seed.
     gen = torch.Generator().manual_seed(5)
@@ -198,7 +235,7 @@ def test_calibration_tau_is_the_quantile_of_hand_scored_draws(scorer_setup):
     scores, norms = np.array(scores), np.array(norms)
     tau = np.quantile(scores, 0.8)
     assert cal.tau == pytest.approx(tau, rel=1e-5)
-    assert pen.tau == pytest.approx(tau, rel=1e-5)
+    assert pen.calibrator.tau == pytest.approx(tau, rel=1e-5)
     assert cal.mu == pytest.approx(scores.mean(), rel=1e-5)
     assert cal.sigma == pytest.approx(scores.std(), rel=1e-4)
     assert cal.ref_norm == pytest.approx(norms[scores <= tau].mean(), rel=1e-5)
@@ -208,21 +245,19 @@ def test_calibration_tau_is_the_quantile_of_hand_scored_draws(scorer_setup):
 def test_state_dict_roundtrip_restores_generator_and_tau(scorer_setup):
     comps, scorer, enc = scorer_setup
     embeds = enc.encode(["a red circle", "a blue square"]).embeds
-    a = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=1)
-    a.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
-    a.update_tau(torch.tensor([2.0]))
+    a = _Pen(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=1)
+    a.probes.prepare(embeds, enc.uncond(), (4, 16, 16), step=0)
+    a.calibrator.update_tau(torch.tensor([2.0]))
     state = a.state_dict()
-    b = MemorizationPenalty(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=99)
+    b = _Pen(scorer, probes_per_step=1, every_n_steps=1, tau=0.7, tau_ema=0.5, zscore="none", seed=99)
     b.load_state_dict(state)
-    assert b.tau == a.tau
-    pa = a.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
-    pb = b.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
+    assert b.calibrator.tau == a.calibrator.tau
+    pa = a.probes.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
+    pb = b.probes.prepare(embeds, enc.uncond(), (4, 16, 16), step=1)
     assert torch.equal(pa.latents, pb.latents) and torch.equal(pa.index, pb.index)
 
 
 def test_auto_probe_checkpointing_only_when_probes_would_grow_memory_past_the_share():
-    from memreg.guards.penalty import PROBE_MEMORY_SHARE, auto_probe_checkpointing
-
     assert PROBE_MEMORY_SHARE == 0.2
     assert not auto_probe_checkpointing(2, 32, False)    # 2 / 32 = 6% more activations: no recompute
     assert not auto_probe_checkpointing(6, 32, False)    # 18.75%
@@ -235,10 +270,6 @@ class _EpsScorer:
     """The real score arithmetic on a hand-made UNet output (no UNet): eps prediction, alphas given."""
 
     def __new__(cls):
-        from types import SimpleNamespace
-
-        from memreg.score import AnisotropyScore
-
         sched = SimpleNamespace(alphas_cumprod=torch.linspace(0.99, 0.01, 1000),
                                 config=SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon"))
         scorer = AnisotropyScore.__new__(AnisotropyScore)
@@ -251,11 +282,11 @@ class _EpsScorer:
 def test_grad_through_decides_which_predictions_the_penalty_moves(grad_through):
     """[u@t_hi, c@t_hi, u@t_lo, c@t_lo] for 2 probes: with grad_through=cond the unconditional rows
     (shared by every caption) get exactly zero gradient; the values are the same either way."""
-    pen = MemorizationPenalty(_EpsScorer(), zscore="none", tau=0.0, term="combined", grad_through=grad_through)
+    pen = _Pen(_EpsScorer(), zscore="none", tau=0.0, term="combined", grad_through=grad_through)
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(8, 4, 3, 3, generator=gen, requires_grad=True)
     latents = torch.randn(2, 4, 3, 3, generator=gen)
-    values, _ = pen.values_from_output(out, latents)
+    values, _ = pen.probes.values_from_output(out, latents)
     # by hand: norm = ||c_hi - u_hi||; the align term is the same cosine as in memreg.score
     u_hi, c_hi = out[0:2].detach(), out[2:4].detach()
     norm = (c_hi - u_hi).flatten(1).norm(dim=1)
@@ -278,8 +309,6 @@ def test_grad_through_is_checked():
 
 def test_bound_force_by_hand():
     """penalty = w * sum(p): gradient w per element, norm w * sqrt(n); mse = mean(m^2): gradient 2m/N."""
-    from memreg.guards.penalty import bound_force
-
     p = torch.ones(2, 3, requires_grad=True)
     m = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)
     mse = m.pow(2).mean()                       # gradient 2m/4: [[1.5, 2], [0, 0]], norm 2.5

@@ -1,4 +1,4 @@
-"""`memreg report` (memreg/report.py): static HTML from TensorBoard event files."""
+"""`memreg report` (memreg/commands/report.py, memreg/report.py): static HTML from TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memreg import report
+from memreg import log_tags, report
+from memreg.commands import report as report_cmd
 
 
 def _write_run(run_dir: Path, seed: int, resume: bool = False, loss_tag: str = "loss_mse",
@@ -55,7 +56,7 @@ def two_runs(tmp_path):
 
 def test_report_two_runs(two_runs, tmp_path):
     out = tmp_path / "site" / "report.html"
-    assert report.main([str(two_runs[0]), str(two_runs[1]), "--out", str(out)]) == 0
+    assert report_cmd.main([str(two_runs[0]), str(two_runs[1]), "--out", str(out)]) == 0
     page = out.read_text()
     assert "run_alpha" in page and "run_beta" in page
     srcs = re.findall(r"<img src='([^']+)'", page)
@@ -69,8 +70,8 @@ def test_report_two_runs(two_runs, tmp_path):
     assert "&lt;b&gt;step 10&lt;/b&gt;" in page        # latest top-k text, HTML-escaped
     assert "<script" not in page
     runs = [report.load_run(d) for d in two_runs]
-    assert [r.tags_ending("step_time") for r in runs] == [["train/step_time"], ["perf/step_time_s"]]
-    assert [r.tags_ending("loss_mse") for r in runs] == [["loss_mse"], ["train/loss_mse"]]
+    assert [r.logged(log_tags.PERF_STEP_TIME_NAMES) for r in runs] == [["train/step_time"], ["perf/step_time_s"]]
+    assert [r.logged(log_tags.TRAIN_LOSS_MSE_NAMES) for r in runs] == [["loss_mse"], ["train/loss_mse"]]
 
 
 def test_report_reads_all_event_files_of_a_resumed_run(two_runs):
@@ -83,21 +84,21 @@ def test_report_reads_all_event_files_of_a_resumed_run(two_runs):
 
 def test_report_refuses_overwrite_and_bad_dirs(two_runs, tmp_path, capsys):
     out = tmp_path / "r.html"
-    assert report.main([str(two_runs[0]), "--out", str(out)]) == 0
+    assert report_cmd.main([str(two_runs[0]), "--out", str(out)]) == 0
     first = out.read_text()
-    assert report.main([str(two_runs[1]), "--out", str(out)]) == 2
+    assert report_cmd.main([str(two_runs[1]), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == first
-    assert report.main([str(two_runs[1]), "--out", str(out), "--overwrite"]) == 0
+    assert report_cmd.main([str(two_runs[1]), "--out", str(out), "--overwrite"]) == 0
     assert "run_beta" in out.read_text()
 
     empty = tmp_path / "empty_run"
     (empty / "sub").mkdir(parents=True)
-    assert report.main([str(empty), "--out", str(tmp_path / "x.html")]) == 2
+    assert report_cmd.main([str(empty), "--out", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert "empty_run" in err and "no TensorBoard event files" in err
     assert not (tmp_path / "x.html").exists()
-    assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "y.html")]) == 2
+    assert report_cmd.main([str(tmp_path / "missing"), "--out", str(tmp_path / "y.html")]) == 2
 
 
 def test_report_via_cli(two_runs, tmp_path):

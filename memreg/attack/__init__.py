@@ -5,8 +5,8 @@ user error before weights load), :mod:`.targets` (which images: duplicated first
 rest, and the never-seen control), :mod:`.wordings` (perturbed captions), :mod:`.embedding`
 (white-box prompt-embedding search on the denoising loss), :mod:`.runner` (the attacks of rising
 strength on one target, judged by the copy detector), :mod:`.outputs` (Wilson rates,
-``attack.json``, ``attack.html``), :mod:`.api` (the Python entry) and :mod:`.cli` (the command,
-sharded and resumable on :mod:`memreg.sharding`).
+``attack.json``, ``attack.html``) and :mod:`.api` (the Python entry); the command, sharded and
+resumable on :mod:`memreg.sharding`, is :mod:`memreg.commands.attack`.
 """
 
 from memreg.attack.api import attack_targets, load_pipeline, summarize

@@ -20,6 +20,8 @@ from memreg.attack.inputs import AttackInputError
 from memreg.attack.outputs import build_report
 from memreg.attack.runner import AttackSettings, Attacker
 from memreg.attack.targets import Target
+from memreg.generation import build_pipeline
+from memreg.models import load_components
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -38,9 +40,6 @@ def check_lora(lora: str | None) -> None:
 def load_pipeline(model: str, lora: str | None = None, device="cpu", dtype="float32"):
     """A DDIM pipeline of ``model`` (safetensors via ``from_pretrained``), ``lora`` loaded on top;
     every module frozen and in eval mode."""
-    from memreg.generation import build_pipeline
-    from memreg.models import load_components
-
     comps = load_components(model, dtype=dtype, device=device)
     pipe = build_pipeline(comps)
     if lora is not None:

@@ -10,7 +10,6 @@ with :func:`memreg.image_io.load_rgb`, the one way memreg reads images.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image
 from memreg.errors import MemregError
 from memreg.image_io import load_rgb
 from memreg.imagefolder import check_metadata_file
+from memreg.prompt_io import iter_jsonl
 
 METADATA = "metadata.jsonl"
 
@@ -58,8 +58,13 @@ def _captions(value, where: str, column: str) -> list[str]:
 
 def read_imagefolder(folder: str | Path, caption_column: str, flag: str, allow_external: bool = False) -> list[FolderRow]:
     """The rows of ``folder/metadata.jsonl``; checks every row names an existing file inside the
-    folder (:func:`memreg.imagefolder.check_metadata_file`, the trainer's and the audit's check) and
-    has a caption."""
+    folder and has a caption.
+
+    The file's shape (JSON objects with a non-empty ``file_name`` that stays inside the folder) is
+    checked by :func:`memreg.imagefolder.check_metadata_file`, the trainer's and the audit's check,
+    so that the three refuse the same files in the same words; only the attack's own needs (a
+    caption, an existing image) are checked here.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise AttackInputError(f"{flag} {str(folder)!r}: no such directory")
@@ -68,27 +73,15 @@ def read_imagefolder(folder: str | Path, caption_column: str, flag: str, allow_e
         raise AttackInputError(f"{meta}: missing ({flag} must be an imagefolder with a {METADATA})")
     check_metadata_file(meta, root, allow_external, "--allow-external-files")
     rows = []
-    with meta.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{meta}:{n}"
-            try:
-                rec = json.loads(raw)
-            except ValueError as e:
-                raise AttackInputError(f"{where}: not a JSON object ({e})") from None
-            if not isinstance(rec, dict):
-                raise AttackInputError(f"{where}: not a JSON object")
-            name = rec.get("file_name")
-            if not isinstance(name, str) or not name:
-                raise AttackInputError(f"{where}: no 'file_name'")
-            if caption_column not in rec:
-                raise AttackInputError(f"{where}: no caption column {caption_column!r} (keys: {sorted(rec)}); "
-                                       "pass --caption-column")
-            path = root / name
-            if not path.is_file():
-                raise AttackInputError(f"{where}: image file {name!r} does not exist")
-            rows.append(FolderRow(n, name, _captions(rec[caption_column], where, caption_column), path))
+    for n, rec in iter_jsonl(meta, AttackInputError):
+        where, name = f"{meta}:{n}", rec["file_name"]
+        if caption_column not in rec:
+            raise AttackInputError(f"{where}: no caption column {caption_column!r} (keys: {sorted(rec)}); "
+                                   "pass --caption-column")
+        path = root / name
+        if not path.is_file():
+            raise AttackInputError(f"{where}: image file {name!r} does not exist")
+        rows.append(FolderRow(n, name, _captions(rec[caption_column], where, caption_column), path))
     if not rows:
         raise AttackInputError(f"{meta}: no rows")
     return rows
@@ -108,25 +101,18 @@ def read_clusters(path: str | Path) -> list[ClusterSpec]:
     if not p.is_file():
         raise AttackInputError(f"--clusters {str(path)!r}: no such file")
     out = []
-    with p.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                rec = json.loads(raw)
-            except ValueError as e:
-                raise AttackInputError(f"{where}: not a JSON object ({e})") from None
-            members = rec.get("members") if isinstance(rec, dict) else None
-            if not isinstance(rec, dict) or "cluster" not in rec or not isinstance(members, list) or not members:
-                raise AttackInputError(f"{where}: not a memreg audit cluster (needs 'cluster' and a non-empty "
-                                       "'members' list)")
-            hashes, captions = [], []
-            for m in members:
-                if not isinstance(m, dict) or not isinstance(m.get("sha256"), str):
-                    raise AttackInputError(f"{where}: a member without a 'sha256' pixel hash")
-                hashes.append(m["sha256"])
-                if isinstance(m.get("caption"), str) and m["caption"].strip():
-                    captions.append(m["caption"].strip())
-            out.append(ClusterSpec(n, rec["cluster"], hashes, captions))
+    for n, rec in iter_jsonl(p, AttackInputError):
+        where = f"{p}:{n}"
+        members = rec.get("members") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or "cluster" not in rec or not isinstance(members, list) or not members:
+            raise AttackInputError(f"{where}: not a memreg audit cluster (needs 'cluster' and a non-empty "
+                                   "'members' list)")
+        hashes, captions = [], []
+        for m in members:
+            if not isinstance(m, dict) or not isinstance(m.get("sha256"), str):
+                raise AttackInputError(f"{where}: a member without a 'sha256' pixel hash")
+            hashes.append(m["sha256"])
+            if isinstance(m.get("caption"), str) and m["caption"].strip():
+                captions.append(m["caption"].strip())
+        out.append(ClusterSpec(n, rec["cluster"], hashes, captions))
     return out

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from memreg.audit.captions import normalize_caption, text_key
+from memreg.audit.captions import normalize_caption
 from memreg.audit.near_dup import HASH_BYTES, VIEWS, near_pairs
-from memreg.audit.shards import read_shard, shard_ranges
+from memreg.audit.shards import read_shard
+from memreg.keys import text_key
+from memreg.sharding import shard_ranges
 
 MAX_LISTED = 100  # unreadable images listed in audit.json (all go to unreadable.jsonl)
 

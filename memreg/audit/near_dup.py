@@ -34,6 +34,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from memreg.image_io import load_rgb
+
 HASH_BYTES = 16                # a view: 64-bit pHash + 64-bit dHash
 DEFAULT_THRESHOLD = 22         # bits of 128; calibrated on scikit-image photos and demo scenes (README, audit)
 WORK_SIDE = 128                # views are cut from the image scaled to at most this shorter side
@@ -219,8 +221,6 @@ def near_pairs_bruteforce(codes: np.ndarray, threshold: int, query: tuple[int, .
 # ----------------------------------------------------------------------------- planted copies
 
 def _reencode(img: Image.Image, quality: int) -> Image.Image:
-    from memreg.image_io import load_rgb
-
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return load_rgb(buf.getvalue())
@@ -265,8 +265,6 @@ def planted_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> Ima
     resized back), brightness / contrast (x0.8-0.9 or x1.1-1.2), pad (a flat border adding 5-10%
     of the side), hflip (mirror).
     """
-    from memreg.image_io import load_rgb
-
     img = load_rgb(image)
     w, h = img.size
     if kind == "resize":

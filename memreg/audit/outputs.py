@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from memreg.audit.captions import normalize_caption, text_key
+from memreg.audit.captions import normalize_caption
 from memreg.audit.merge import ClusterTable, RowIndex, finite_or_none
-from memreg.audit.shards import read_shard, shard_ranges
+from memreg.audit.shards import read_shard
 from memreg.audit.source import AuditSource, open_rgb
 from memreg.duplicates import CLUSTER_ID, CLUSTER_MEMBERS, MEMBER_HASH
+from memreg.keys import text_key
+from memreg.sharding import shard_ranges
 
 ROWS_LISTED = 20       # rows listed per caption group
 CAPTIONS_LISTED = 20   # distinct captions listed per cluster

@@ -25,7 +25,7 @@ from memreg import sharding
 from memreg.audit.near_dup import phash_code, view_codes
 from memreg.audit.source import AuditSource, open_rgb
 from memreg.duplicates import content_hash
-from memreg.sharding import FINGERPRINT_FILE, PARTS_DIR, peak_rss_mb, shard_ranges  # noqa: F401 (re-exported)
+from memreg.sharding import PARTS_DIR
 
 
 def shard_path(out: Path, k: int) -> Path:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from memreg.attack import AttackSettings, Target, attack_targets, summarize
 from memreg.demo.data import PHOTOS, caption_of, load_photo, target_captions
+from memreg.generation import build_pipeline
 
 # Bundled photos that load offline, are not PHOTOS and are not a PHOTOS image under another name
 # (skimage's "cat" is "chelsea").
@@ -62,8 +63,6 @@ def evaluate_attack(components, detector, memorized: list[dict], resolution: int
                     s: AttackEvalSettings) -> dict:
     """attack.json's numbers for the model in ``components`` (its LoRA active), plus ``_images``:
     each target beside its best reproduction, for the sample grid."""
-    from memreg.generation import build_pipeline
-
     settings = s.attack_settings()
     trained, control = trained_photos(memorized), control_photos(memorized, s.n_control, resolution, data_seed)
     targets = [t for pair in zip(trained, control) for t in pair] + trained[len(control):] + control[len(trained):]

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 from PIL import Image, ImageDraw
 
 # scikit-image photos that load offline and keep a recognisable layout at 16 px. Texture photos
@@ -247,8 +248,6 @@ def scene_rows(n: int, rng: np.random.Generator, world: WorldConfig, resolution:
 
 def load_photo(name: str, resolution: int) -> Image.Image:
     """A scikit-image bundled photo as an RGB center-cropped square at ``resolution``."""
-    import skimage.data
-
     arr = np.asarray(getattr(skimage.data, name)())
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import binomtest
 
 from memreg.demo.adherence import mean_adherence
 from memreg.demo.vae import images_to_tensor
+from memreg.encoding import PromptEncoder
 from memreg.generation import generate_images
 
 
@@ -30,8 +32,6 @@ from memreg.generation import generate_images
 def heldout_denoising_loss(components, unet, images: list[Image.Image], captions: list[str], draws: int = 4,
                            seed: int = 0, batch_size: int = 64) -> float:
     """Mean diffusion MSE (eps or v target, as the model predicts) over ``draws`` fixed (t, noise) per image."""
-    from memreg.encoding import PromptEncoder
-
     vae, sched = components.vae, components.scheduler
     device = next(unet.parameters()).device
     encoder = PromptEncoder(components.tokenizer, components.text_encoder, device=device)
@@ -54,8 +54,6 @@ def heldout_denoising_loss(components, unet, images: list[Image.Image], captions
 
 def rate(hits) -> dict:
     """A proportion with its 95% Wilson interval (scipy's ``binomtest``)."""
-    from scipy.stats import binomtest
-
     hits = np.asarray(hits, dtype=bool)
     k, n = int(hits.sum()), int(hits.size)
     ci = binomtest(k, n).proportion_ci(method="wilson") if n else None

@@ -22,6 +22,8 @@ import numpy as np
 
 from memreg.demo.adherence import mean_adherence
 from memreg.demo.evaluate import rate
+from memreg.generation import build_pipeline
+from memreg.mitigate import MitigationConfig, calibrate_config, generate_mitigated
 
 MODES = ("none", "wen", "score")
 
@@ -41,9 +43,6 @@ class MitigationEvalSettings:
 def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldout: list[dict],
                         ordinary_captions: list[str], s: MitigationEvalSettings) -> dict:
     """Per-mode numbers (see module doc) for the model ``unet``."""
-    from memreg.generation import build_pipeline
-    from memreg.mitigate import MitigationConfig, calibrate_config, generate_mitigated
-
     pipe = build_pipeline(components, unet)
     m = s.images_per_caption
     dup_prompts = [d["caption"] for d in memorized for _ in range(m)]

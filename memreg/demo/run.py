@@ -22,19 +22,36 @@ import copy
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 
-from memreg.demo.attack import AttackEvalSettings, attack_targets_of, format_attack
+from memreg import log_tags as tags
+from memreg.copy_detect import build_copy_detector
+from memreg.demo.attack import AttackEvalSettings, attack_targets_of, evaluate_attack, format_attack
 from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
-from memreg.demo.evaluate import FinalEvalSettings
-from memreg.demo.mitigation import MitigationEvalSettings, format_mitigation, mitigation_targets
-from memreg.guards import GUARDS
-from memreg.training.config import load_yaml
+from memreg.demo.evaluate import FinalEvalSettings, evaluate_model
+from memreg.demo.mitigation import MitigationEvalSettings, evaluate_mitigation, format_mitigation, mitigation_targets
+from memreg.demo.tradeoff import plot_tradeoff
+from memreg.demo.vae import train_vae
+from memreg.detect import fit_weights
+from memreg.generation import build_pipeline
+from memreg.guards import GUARDS, guard_spec
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
+from memreg.models import load_components
+from memreg.report import build_report, load_run
+from memreg.testing import build_tiny_sd
+from memreg.training.config import load_config, load_yaml
+from memreg.training.loop import train
 
 logger = logging.getLogger("memreg.demo")
 SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack"}
@@ -98,14 +115,6 @@ def _pretrain_folder(root: Path, data_cfg: DemoDataConfig, n: int) -> Path:
 
 def prepare_base(settings: dict, data_root: Path, cache: Path) -> Path:
     """Build (or reuse) the base model: tiny SD + trained VAE + generic pre-training."""
-    from diffusers import AutoencoderKL
-    from PIL import Image
-
-    from memreg.demo.vae import train_vae
-    from memreg.testing import build_tiny_sd
-    from memreg.training.config import load_config
-    from memreg.training.loop import train
-
     b = settings["base"]
     data_cfg = DemoDataConfig(**settings["data"])
     root = cache / f"base-{_key(asdict(data_cfg), b)}"
@@ -148,15 +157,14 @@ def run_overrides(settings: dict, name: str) -> dict:
     over = copy.deepcopy(settings.get("finetune") or {})
     over.update(settings["runs"][name] or {})
     over.setdefault("guard.type", name)
-    if over["guard.type"] not in GUARDS:
-        raise ValueError(f"run {name!r}: unknown guard {over['guard.type']!r}; choose from {list(GUARDS)}")
+    try:
+        guard_spec(over["guard.type"])
+    except ValueError:
+        raise ValueError(f"run {name!r}: unknown guard {over['guard.type']!r}; choose from {list(GUARDS)}") from None
     return over
 
 
 def finetune(settings: dict, name: str, base: Path, data_root: Path, run_dir: Path):
-    from memreg.training.config import load_config
-    from memreg.training.loop import train
-
     over = run_overrides(settings, name)
     over.update({"pretrained_model_name_or_path": str(base), "train_data_dir": str(data_root / "train"),
                  "output_dir": str(run_dir), "eval.heldout_prompts": str(data_root / "heldout" / "metadata.jsonl"),
@@ -175,15 +183,15 @@ def _heldout_norm(run: dict) -> float:
 
 def _penalty_weight(over: dict) -> float | None:
     """The penalty weight of a run (its override or the guard's default); None for other guards."""
-    from memreg.guards.penalty import PenaltyConfig
-
-    return float(over.get("guard.weight", PenaltyConfig.weight)) if over["guard.type"] == "penalty" else None
+    if guard_spec(over["guard.type"]).name != "anisotropy_gate":
+        return None
+    return float(over.get("guard.weight", AnisotropyGateConfig.weight))
 
 
 def _mean_step_time(result) -> float:
     """Mean optimizer-step time after the first step: a mean, not a median, so the penalty's
     probe steps (every n-th step) count in full."""
-    times = [x["perf/step_time_s"] for x in result.logs[1:] if "perf/step_time_s" in x]
+    times = [x[tags.PERF_STEP_TIME] for x in result.logs[1:] if tags.PERF_STEP_TIME in x]
     return float(np.mean(times)) if times else float("nan")
 
 
@@ -203,14 +211,12 @@ def _final_detection(run_dir: Path) -> dict:
     combined score (SD1 weights), a combined score with g1/g2 fitted by cross-validated logistic
     regression (out-of-fold AUC; ``memreg detect --fit-weights``), and the per-group distributions at
     the first eval (the base model) and the last."""
-    from memreg.detect import fit_weights
-
     files = sorted((run_dir / "memorization").glob("eval_step*.json"),
                    key=lambda p: int(p.stem.removeprefix("eval_step")))
     if not files:
         return {}
     first, last = (json.loads(f.read_text()) for f in (files[0], files[-1]))
-    out = {t: last["scalars"].get(f"eval/auc/duplicated_vs_heldout/{t}") for t in ("norm", "align", "score")}
+    out = {t: last["scalars"].get(tags.eval_auc("duplicated_vs_heldout", t)) for t in ("norm", "align", "score")}
     rows = [(r, 1) for r in last["groups"].get("duplicated", [])] + [(r, 0) for r in last["groups"].get("heldout", [])]
     if rows:
         fit = fit_weights([r["norm"] for r, _ in rows], [r["align"] for r, _ in rows], [y for _, y in rows])
@@ -223,9 +229,6 @@ def _final_detection(run_dir: Path) -> dict:
 
 
 def _load_model(base: Path, run_dir: Path):
-    from memreg.generation import build_pipeline
-    from memreg.models import load_components
-
     if (run_dir / "unet").is_dir():
         comps = load_components(str(run_dir))
     else:
@@ -326,8 +329,6 @@ def format_table(results: dict) -> str:
 
 
 def _save_images(images: dict, path: Path) -> None:
-    from PIL import Image
-
     rows = [v for v in images.values() if v]
     size = rows[0][0].size[0]
     cols = max(len(r) for r in rows)
@@ -341,8 +342,6 @@ def _save_images(images: dict, path: Path) -> None:
 def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], list[str]]:
     """(every training image, the memorized captions with paraphrases and photo, held-out rows with
     images, the training scene captions)."""
-    from PIL import Image
-
     def rows(split):
         return [json.loads(x) for x in (data_root / split / "metadata.jsonl").read_text().splitlines()]
 
@@ -360,11 +359,6 @@ def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, t
     """Fine-tune run ``name``, measure the model and save its sample grid; on ``none`` also the
     inference-time mitigation (``_mitigation`` in the returned row). ``threads``: torch's CPU threads
     for this process (a worker of :func:`run_all`)."""
-    import torch
-
-    from memreg.copy_detect import build_copy_detector
-    from memreg.demo.evaluate import evaluate_model
-
     if threads:
         torch.set_num_threads(threads)
     logger.info("=== fine-tuning run %s ===", name)
@@ -376,20 +370,16 @@ def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, t
                         FinalEvalSettings(**settings["final"]))
     _save_images(ev.pop("_images"), out / f"samples_{name}.png")
     over = run_overrides(settings, name)
-    row = dict(ev, mode=over.get("mode", "lora"), guard=over["guard.type"], weight=_penalty_weight(over),
+    row = dict(ev, mode=over.get("mode", "lora"), guard=guard_spec(over["guard.type"]).name, weight=_penalty_weight(over),
                train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
                final_guard_report=result.final_report)
     attack = AttackEvalSettings(**settings["attack"])
     if name in attack.runs:
-        from memreg.demo.attack import evaluate_attack
-
         logger.info("=== extraction attack on run %s ===", name)
         data_cfg = DemoDataConfig(**settings["data"])
         row["attack"] = evaluate_attack(comps, detector, memorized, data_cfg.resolution, data_cfg.seed, attack)
         _save_images(row["attack"].pop("_images"), out / f"attack_{name}.png")
     if name == "none":
-        from memreg.demo.mitigation import evaluate_mitigation
-
         logger.info("=== inference-time mitigation on run none ===")
         row["_mitigation"] = evaluate_mitigation(comps, comps.unet, detector, memorized, heldout, scene_captions,
                                                  MitigationEvalSettings(**settings["mitigation"]))
@@ -404,22 +394,17 @@ def run_all(settings: dict, base: Path, data_root: Path, out: Path) -> tuple[dic
     """Every run of ``runs:`` -> (rows by name in config order, the mitigation results of ``none``).
 
     ``workers: n`` > 1 runs n fine-tunes at once in spawned processes, each with ``cpu_count // n``
-    torch threads: the tiny models use 2 threads poorly (measured on 2 cores: two 1-thread jobs
-    take 0.32 s/step each, one 2-thread job 0.25 s/step, so 1.6x the throughput). A run's numbers
+    torch threads: the tiny models use several threads poorly, so jobs side by side with fewer
+    threads each finish the runs sooner than one job with all of them. A run's numbers
     depend on its thread count, never on which runs share the machine; its step time does (each
     run then shares the memory bus with another), so the cost targets are measured side by side by
     ``scripts/bench_train.py``. The longest runs (LoRA, ``none`` with its mitigation) start first.
     """
-    import os
-
     names = list(settings["runs"])
     workers = max(1, min(int(settings.get("workers", 1)), len(names)))
     if workers == 1:
         rows = {n: run_one(settings, n, base, data_root, out) for n in names}
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         threads = max(1, (os.cpu_count() or 1) // workers)
         first = sorted(names, key=lambda n: not (n == "none" or run_overrides(settings, n).get("mode") == "lora"))
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -435,9 +420,6 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
 
     ``cache_dir`` overrides the config's (data and base model are reused from there).
     """
-    from memreg.demo.tradeoff import plot_tradeoff
-    from memreg.report import build_report, load_run
-
     t_start = time.perf_counter()
     settings = load_settings(config, quick)
     out = Path(out)

@@ -16,10 +16,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
+from memreg.guards.registry import guard_spec
+
 COPY_KEYS = (("copy_exact", "exact captions"), ("copy_paraphrase", "paraphrased captions"))
 MARKERS = {"full": "o", "lora": "s"}   # training mode -> marker shape; other modes: OTHER_MARKER
 OTHER_MARKER = "D"
-PENALTY = "penalty"                    # the guard type whose runs at several weights form a line
+PENALTY = "anisotropy_gate"            # the guard type whose runs at several weights form a line
 
 
 def _point(run: dict, copy_key: str) -> tuple[float, float]:
@@ -40,17 +48,15 @@ def pareto_front(runs: dict, mode: str, copy_key: str = "copy_exact") -> list[st
 
 
 def penalty_weight(run: dict) -> float:
-    """The run's penalty weight: its ``weight`` key, else the guard's default (``PenaltyConfig.weight``)."""
+    """The run's penalty weight: its ``weight`` key, else the guard's default (``AnisotropyGateConfig.weight``)."""
     if run.get("weight") is not None:
         return float(run["weight"])
-    from memreg.guards.penalty import PenaltyConfig
-
-    return float(PenaltyConfig.weight)
+    return float(AnisotropyGateConfig.weight)
 
 
 def penalty_line(runs: dict, mode: str) -> list[str]:
     """Names of the ``penalty`` runs of ``mode`` in increasing weight: the frontier the weight moves along."""
-    pen = [(penalty_weight(r), n) for n, r in runs.items() if r["guard"] == PENALTY and r["mode"] == mode]
+    pen = [(penalty_weight(r), n) for n, r in runs.items() if guard_spec(r["guard"]).name == PENALTY and r["mode"] == mode]
     return [n for _, n in sorted(pen)]
 
 
@@ -63,9 +69,11 @@ def _draw_panel(ax, runs: dict, copy_key: str, colors: dict) -> None:
                     ms=7, capsize=3, lw=1, zorder=3)
         ax.annotate(name, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7)
     for mode in dict.fromkeys(r["mode"] for r in runs.values()):
-        line = [_point(runs[n], copy_key) for n in penalty_line(runs, mode)]
+        names = penalty_line(runs, mode)
+        line = [_point(runs[n], copy_key) for n in names]
         if len(line) > 1:
-            ax.plot([p[0] for p in line], [p[1] for p in line], "-", color=colors[PENALTY], lw=1, alpha=0.7, zorder=2)
+            ax.plot([p[0] for p in line], [p[1] for p in line], "-", color=colors[runs[names[0]]["guard"]], lw=1,
+                    alpha=0.7, zorder=2)
         front = [_point(runs[n], copy_key) for n in pareto_front(runs, mode, copy_key)]
         ax.scatter([p[0] for p in front], [p[1] for p in front], s=260, facecolors="none", edgecolors="black",
                    linewidths=1.2, zorder=4)
@@ -76,8 +84,6 @@ def _draw_panel(ax, runs: dict, copy_key: str, colors: dict) -> None:
 
 
 def _legend_handles(runs: dict, colors: dict) -> tuple[list, list[str]]:
-    from matplotlib.lines import Line2D
-
     handles, labels = [], []
     for guard, c in colors.items():
         handles.append(Line2D([], [], color=c, marker="o", ls="none"))
@@ -94,10 +100,6 @@ def _legend_handles(runs: dict, colors: dict) -> tuple[list, list[str]]:
 
 def plot_tradeoff(runs: dict, path: Path) -> Path:
     """Two panels (exact, paraphrased captions): copy rate with 95% CI vs held-out loss per run; PNG at ``path``."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not runs:
         raise ValueError("plot_tradeoff: no runs to plot")
     cmap = colormaps["tab10"]

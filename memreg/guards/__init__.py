@@ -9,8 +9,8 @@ Exports:
   :func:`concat_inputs` / :func:`split_output` fuse the guard's extra UNet inputs into the forward.
 * :func:`build_guard` (``guard.type`` -> guard), :func:`guard_config`, ``GUARDS`` (the registry).
 
-Guards: ``none``, ``penalty`` (:mod:`memreg.guards.penalty`; its per-caption reference in
-:mod:`memreg.guards.reference`, its caption gate in :mod:`memreg.guards.gate`), ``wen_filter``
+Guards: ``none``, ``anisotropy_gate`` (alias ``penalty``; the package :mod:`memreg.guards.anisotropy_gate`:
+probes, threshold, per-caption reference, caption gate, penalty, selectivity counters), ``wen_filter``
 (:mod:`memreg.guards.wen_filter`), ``caption_noise`` (:mod:`memreg.guards.caption_noise`) and ``agc``
 (:mod:`memreg.guards.agc`). README "Add the guard to your own training loop" shows the lines a
 training script needs.
@@ -18,7 +18,7 @@ training script needs.
 
 from memreg.guards.base import (ExtraInputs, Guard, GuardBatch, GuardContext, GuardLoss, NoGuard, concat_inputs,
                                 split_output)
-from memreg.guards.registry import GUARDS, build_guard, guard_class, guard_config
+from memreg.guards.registry import GUARDS, GuardConfig, GuardSpec, build_guard, guard_class, guard_config, guard_spec
 
-__all__ = ["GUARDS", "ExtraInputs", "Guard", "GuardBatch", "GuardContext", "GuardLoss", "NoGuard", "build_guard",
-           "concat_inputs", "guard_class", "guard_config", "split_output"]
+__all__ = ["GUARDS", "ExtraInputs", "Guard", "GuardBatch", "GuardConfig", "GuardContext", "GuardLoss", "GuardSpec",
+           "NoGuard", "build_guard", "concat_inputs", "guard_class", "guard_config", "guard_spec", "split_output"]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memreg import log_tags as tags
+from memreg.config_schema import ConfigError
 from memreg.guards.base import Guard, GuardBatch, GuardContext, GuardLoss
 
 
@@ -35,6 +37,14 @@ class AGCConfig:
     mem_ratio: float = 1.25     # keep a sample if loss * mem_ratio >= avg[t]
     decay: float = 0.8          # avg[t] <- decay * avg[t] + (1 - decay) * loss
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mem_ratio <= 0 or not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"guard.agc: mem_ratio must be > 0 and decay in [0, 1) (got {self.mem_ratio}, "
+                              f"{self.decay})")
+
 
 class AntiGradientControl(Guard):
     """See the module docstring."""
@@ -43,10 +53,9 @@ class AntiGradientControl(Guard):
 
     def __init__(self, ctx: GuardContext, mem_ratio: float = 1.25, decay: float = 0.8):
         super().__init__(ctx)
-        if mem_ratio <= 0 or not 0.0 <= decay < 1.0:
-            raise ValueError(f"agc: mem_ratio must be > 0 and decay in [0, 1), got {mem_ratio}, {decay}")
-        self.mem_ratio = float(mem_ratio)
-        self.decay = float(decay)
+        settings = AGCConfig(mem_ratio=mem_ratio, decay=decay)   # validates
+        self.mem_ratio = float(settings.mem_ratio)
+        self.decay = float(settings.decay)
         self.avg = torch.zeros(int(ctx.noise_scheduler.config.num_train_timesteps), dtype=torch.float64)
         self._kept: list[Tensor] = []
 
@@ -82,7 +91,7 @@ class AntiGradientControl(Guard):
         kept, self._kept = self._kept, []
         if not kept:
             return {}
-        return {"guard/agc_kept_frac": float(self.ctx.gather(torch.cat(kept)).mean())}
+        return {tags.GUARD_AGC_KEPT_FRAC: float(self.ctx.gather(torch.cat(kept)).mean())}
 
     def state_dict(self) -> dict:
         return {"avg": self.avg.clone()}

@@ -4,17 +4,20 @@ One optimizer micro-step, seen from the loop (memreg's trainer or your own)::
 
     captions = guard.captions(captions)                  # may rewrite captions (caption noise)
     embeds = guard.embeds(encode(captions))              # may perturb the text embeddings
-    extra = guard.extra_inputs(step, embeds)             # UNet inputs to fuse into the forward, or None
+    extra = guard.extra_inputs(step, embeds, captions)   # UNet inputs to fuse into the forward, or None
     out = unet(*concat_inputs((noisy, timesteps, embeds), extra))
     model_pred, extra_out = split_output(out, bsz)
     per_sample = mse(model_pred, target).mean((1, 2, 3))  # (B,), with any SNR weighting
-    result = guard.loss(GuardBatch(step, noisy, timesteps, embeds, model_pred, per_sample, extra_out))
+    result = guard.loss(GuardBatch(step, noisy, timesteps, embeds, model_pred, per_sample, extra_out,
+                                   captions=captions))
     if result.loss is not None: result.loss.backward()   # None: every process skips this step
 
 and once per optimizer step ``logs.update(guard.step_logs(logs))``. Before training
 ``guard.calibrate()`` (base model), after it ``guard.finish()``; ``state_dict``/``load_state_dict``
 carry the guard through checkpoints. Everything a guard needs from the run comes in one
 :class:`GuardContext`, so a guard never reaches into the loop and the loop has no per-guard code.
+The batch's captions are passed to the hooks that use them (``extra_inputs``, ``GuardBatch``) rather
+than remembered from ``captions()``, so no hook depends on another having been called first.
 
 No-grad side forwards: ``ctx.run_unet`` (the current model, e.g. Wen's unconditional pass) and
 ``ctx.reference_unet()`` (the frozen base model: for LoRA the adapters disabled through
@@ -31,6 +34,8 @@ from typing import Any, Callable, Collection, ContextManager, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from memreg.encoding import PromptEncoder
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -62,7 +67,7 @@ class GuardContext:
     autocast: Callable[[], ContextManager] = nullcontext
     reference: Any = None                       # full fine-tuning: a frozen copy of the base UNet
     # captions whose image is duplicated in the data (selectivity logs), or a () -> them callable
-    # evaluated on first use (e.g. memreg.guards.reference.duplicated_captions over the records)
+    # evaluated on first use (e.g. memreg.guards.anisotropy_gate.reference.duplicated_captions over the records)
     duplicated_captions: Collection[str] | Callable[[], Collection[str]] = ()
 
     def __post_init__(self):
@@ -73,8 +78,6 @@ class GuardContext:
     def for_models(cls, unet, noise_scheduler, tokenizer, text_encoder, latent_shape, **kw) -> "GuardContext":
         """A context for your own loop: captions encoded as SD pipelines do (padded to the
         tokenizer's max length, last hidden state); ``kw``: any other field."""
-        from memreg.encoding import PromptEncoder
-
         enc = PromptEncoder(tokenizer, text_encoder)
         return cls(unet=unet, noise_scheduler=noise_scheduler, encode=lambda caps: enc(caps), uncond=enc.uncond,
                    latent_shape=tuple(latent_shape), tokenizer=tokenizer, **kw)
@@ -135,6 +138,7 @@ class GuardBatch:
     per_sample: Tensor              # (B,) denoising loss per sample (with grad), SNR-weighted if the run is
     extra_out: Tensor | None = None # the UNet output on the guard's ExtraInputs
     forward: Callable | None = None # forward(sample, t, embeds, checkpointing) through the trained (wrapped) UNet
+    captions: Sequence[str] | None = None  # the batch's captions (as guard.captions returned them)
 
 
 @dataclass
@@ -163,10 +167,17 @@ def quantile(t: Tensor, q: float) -> float:
 
 class Guard:
     """Base class and protocol. Every hook has a neutral default, so a guard overrides only what it
-    changes; ``name`` keys its state in checkpoints. Subclasses are built by
+    changes; ``name`` is its ``guard.type``, ``state_key`` keys its state in checkpoints (the name,
+    unless a renamed guard keeps its old key so earlier checkpoints resume). Subclasses are built by
     :func:`memreg.guards.build_guard` through ``from_config(cfg, ctx)``."""
 
     name = "none"
+    # step-log tags (memreg.log_tags) the training loop's progress bar shows beside the loss, when logged
+    progress_keys: tuple[str, ...] = ()
+
+    @property
+    def state_key(self) -> str:
+        return self.name
 
     def __init__(self, ctx: GuardContext):
         self.ctx = ctx
@@ -183,12 +194,14 @@ class Guard:
         """Before the first step, on the base model (after a resume: only what the state lacks)."""
 
     def captions(self, captions: list[str]) -> list[str]:
+        """The captions the batch trains on (a guard may rewrite them); stores nothing."""
         return captions
 
     def embeds(self, embeds: Tensor) -> Tensor:
         return embeds
 
-    def extra_inputs(self, step: int, embeds: Tensor) -> ExtraInputs | None:
+    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None) -> ExtraInputs | None:
+        """UNet inputs to fuse into this micro-step's forward (``captions``: the batch's, None if unknown)."""
         return None
 
     def loss(self, batch: GuardBatch) -> GuardLoss:

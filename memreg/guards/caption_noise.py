@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from memreg.config_schema import ConfigError
 from memreg.guards.base import Guard, GuardContext
 
 
@@ -23,6 +24,13 @@ class CaptionNoiseConfig:
     word_prob: float = 0.1                # probability that a caption gets random words inserted
     num_words: int = 2                    # random vocabulary words inserted at random positions
     embed_noise: float = 0.0              # lambda of lambda * N(0, I) added to the text embeddings
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0.0 <= self.word_prob <= 1.0 or self.num_words < 0 or self.embed_noise < 0:
+            raise ConfigError("guard.caption_noise: word_prob in [0, 1], num_words >= 0, embed_noise >= 0")
 
 
 def insert_word(sentence: str, word: str, rng: np.random.Generator) -> str:

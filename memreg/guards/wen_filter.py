@@ -20,6 +20,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from memreg import log_tags as tags
+from memreg.config_schema import ConfigError
 from memreg.guards.base import Guard, GuardBatch, GuardContext, GuardLoss
 from memreg.score import guidance_norm, to_epsilon
 
@@ -34,14 +36,22 @@ class WenFilterConfig:
     tau_quantile: float = 0.95
     calibration_batches: int = 8          # training batches scored for tau: auto
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.tau, str) and self.tau != "auto":
+            raise ConfigError(f"guard.wen.tau={self.tau!r} must be a number or 'auto'")
+        if not 0.0 < self.tau_quantile < 1.0:
+            raise ConfigError(f"guard.wen.tau_quantile={self.tau_quantile} must be in (0, 1)")
+
 
 class WenFilter:
     """Per-sample drop rule. ``tau``: a number or ``"auto"`` (q-quantile of base-model norms)."""
 
     def __init__(self, alphas_cumprod: Tensor, prediction_type: str, tau: float | str = "auto",
                  tau_quantile: float = 0.95):
-        if not (tau == "auto" or isinstance(tau, (int, float))):
-            raise ValueError(f"tau must be a number or 'auto', got {tau!r}")
+        WenFilterConfig(tau=tau, tau_quantile=tau_quantile)   # validates
         self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
         self.prediction_type = prediction_type
         self.tau_spec = tau
@@ -153,9 +163,9 @@ class WenFilterGuard(Guard):
     def step_logs(self, logs: dict[str, float]) -> dict[str, float]:
         self.skipped_steps += int(self._all_skipped)
         kept, self._kept, self._all_skipped = self._kept, [], True
-        out = {"guard/wen_tau": self.wen.tau, "guard/wen_skipped_steps": self.skipped_steps}
+        out = {tags.GUARD_WEN_TAU: self.wen.tau, tags.GUARD_WEN_SKIPPED_STEPS: self.skipped_steps}
         if kept:
-            out["guard/wen_kept_frac"] = float(self.ctx.gather(torch.cat(kept)).mean())
+            out[tags.GUARD_WEN_KEPT_FRAC] = float(self.ctx.gather(torch.cat(kept)).mean())
         return out
 
     def state_dict(self) -> dict:

@@ -48,6 +48,7 @@ COMPLETE_MARKER = "checkpoint_complete.json"   # written last; lists every file 
 TMP_TAG = ".tmp-"                              # checkpoint-<step>.tmp-<pid>: a save in progress
 FINAL_MARKER = "final_complete.json"           # written after every final output is in place
 FINAL_TMP_PREFIX = "final.tmp-"                # final.tmp-<pid>: the final outputs being written
+LOCK_NAME = ".memreg.lock"                     # the output-dir lock (memreg.training.output_dir); not run output
 
 
 class CheckpointError(MemregError, ValueError):
@@ -59,8 +60,6 @@ class CheckpointError(MemregError, ValueError):
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
     """Refuse a non-empty output_dir unless resuming or ``overwrite_output_dir`` (which moves the
     old run aside, see :mod:`memreg.training.output_dir`); the two together are contradictory."""
-    from memreg.training.output_dir import LOCK_NAME
-
     p = Path(output_dir)
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"output_dir {output_dir!r} exists and is not a directory")

@@ -26,17 +26,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from tqdm.auto import tqdm
 
+from memreg import log_tags as tags
+from memreg.duplicates import find_duplicates
 from memreg.encoding import PromptEncoder
 from memreg.guards import Guard, GuardBatch, GuardContext, build_guard, concat_inputs, split_output
-from memreg.guards.reference import duplicated_captions
+from memreg.guards.anisotropy_gate.reference import duplicated_captions
+from memreg.models import SDComponents
+from memreg.monitor import MemorizationMonitor
 from memreg.training import checkpoint as ckpt
 from memreg.training import data as data_mod
 from memreg.training import finite
 from memreg.training.config import TrainConfig, flat_dict, save_config
 from memreg.training.metrics import StepTimer, peak_memory_mb
 from memreg.training.output_dir import claim_output_dir
-from memreg.training.setup import _to, check_prediction_type, clip_trainable_grads, setup_models
+from memreg.training.setup import check_prediction_type, clip_trainable_grads, move_model, setup_models
 
 logger = logging.getLogger("memreg.train")
 
@@ -54,8 +64,6 @@ class TrainResult:
 def _resolve_seed(cfg: TrainConfig, accelerator) -> int:
     """The training seed (drawn on the main process and shared when not given) and the guard's."""
     if cfg.seed is None:
-        from accelerate.utils import broadcast_object_list
-
         drawn = [int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF]
         if accelerator.num_processes > 1:
             broadcast_object_list(drawn, from_process=0)
@@ -84,12 +92,6 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
     """Run ``cfg``. ``meter``: optional :class:`~memreg.training.metrics.SavedTensorMeter` wrapped
     around each micro-step's forward (benchmarks: activation memory on CPU, logged as
     ``perf/activation_mb``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
-    from tqdm.auto import tqdm
-
     # ------------------------------------------------------------------ early checks (no weights loaded)
     resuming = bool(cfg.resume_from_checkpoint)
     ckpt.check_output_dir(cfg.output_dir, resuming=resuming, overwrite=cfg.overwrite_output_dir)
@@ -118,15 +120,12 @@ def train(cfg: TrainConfig, meter=None) -> TrainResult:
     try:
         lock = claim_output_dir(cfg.output_dir, accelerator, overwrite=cfg.overwrite_output_dir)
         seed = _resolve_seed(cfg, accelerator)
-        return _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed, get_scheduler,
-                      compute_snr, tqdm, meter)
+        return _train(cfg, accelerator, seed, resume_path, model_prediction_type, meter)
     finally:
         if lock is not None:
             lock.release()
         accelerator.end_training()
         if accelerator.num_processes == 1:
-            from accelerate.state import AcceleratorState, GradientState
-
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
 
@@ -141,7 +140,6 @@ class _Run:
     data: Any
     encoder: PromptEncoder
     prediction_type: str
-    compute_snr: Any
     meter: Any = None
     dataset: Any = None
     dataloader: Any = None
@@ -174,8 +172,6 @@ class _Run:
         """The run's one duplicate index of the training images (pixel hashes, or the audit's clusters
         with ``eval.duplicates_from``), shared by the guard and the monitor: hashed once per run."""
         if self._dup_index is None:
-            from memreg.duplicates import find_duplicates
-
             self._dup_index = find_duplicates(self.train_records(), clusters_from=self.cfg.eval.duplicates_from)
         return self._dup_index
 
@@ -196,19 +192,18 @@ class _Run:
                 unet.disable_gradient_checkpointing()
 
 
-def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed, get_scheduler, compute_snr,
-           tqdm, meter=None) -> TrainResult:
+def _train(cfg, accelerator, seed, resume_path, model_prediction_type, meter=None) -> TrainResult:
     data = _load_data(cfg, accelerator, seed)   # data before weights: a bad dataset fails fast
     set_seed(seed, device_specific=True)
     models = setup_models(cfg, accelerator.device, accelerator.mixed_precision)
     run = _Run(cfg=cfg, accelerator=accelerator, models=models, data=data, prediction_type=model_prediction_type,
-               compute_snr=compute_snr, meter=meter,
+               meter=meter,
                encoder=PromptEncoder(models.tokenizer, models.text_encoder, accelerator.device))
     _build_loader(run, seed)
     run.guard = build_guard(cfg.guard, _guard_context(run))
     if accelerator.is_main_process:
         logger.info("%s; batch %d", run.guard.describe(), cfg.train_batch_size)
-    _prepare(run, get_scheduler)
+    _prepare(run)
     _start_outputs(run)
     if resume_path is not None:
         _resume(run, resume_path)
@@ -217,7 +212,7 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, set_seed,
     _run_monitor(run, run.global_step, final=False)
     result = TrainResult(output_dir=Path(cfg.output_dir), global_step=run.global_step, data_summary=data.summary,
                          guard=run.guard)
-    _loop(run, result, tqdm)
+    _loop(run, result)
     result.global_step = run.global_step
     stop = cfg.stop_at_step
     if stop is not None and stop <= run.global_step < run.max_steps:
@@ -262,10 +257,8 @@ def _guard_context(run: _Run) -> GuardContext:
     """The run as a guard sees it (no-grad forwards on the unwrapped UNet, collectives, data)."""
     acc, m, enc = run.accelerator, run.models, run.encoder
 
-    def broadcast(t: torch.Tensor) -> torch.Tensor:
-        from accelerate.utils import broadcast as bc
-
-        return bc(t.to(acc.device), from_process=0).cpu()
+    def broadcast_cpu(t: torch.Tensor) -> torch.Tensor:
+        return broadcast(t.to(acc.device), from_process=0).cpu()
 
     return GuardContext(
         unet=m.unet, noise_scheduler=m.noise_scheduler, prediction_type=run.prediction_type, tokenizer=m.tokenizer,
@@ -275,12 +268,12 @@ def _guard_context(run: _Run) -> GuardContext:
         gradient_checkpointing=run.cfg.gradient_checkpointing, train_captions=run.data.train_captions(),
         calibration_batches=lambda n, gen: _calibration_batches(run, n, gen),
         gather=lambda t: _gather_cat(acc, t), reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
-        broadcast=broadcast, autocast=acc.autocast,
+        broadcast=broadcast_cpu, autocast=acc.autocast,
         duplicated_captions=lambda: duplicated_captions(run.train_records(), run.cfg.eval.dup_min_count,
                                                         index=run.dup_index()))
 
 
-def _prepare(run: _Run, get_scheduler) -> None:
+def _prepare(run: _Run) -> None:
     """Optimizer, LR schedule, ``accelerator.prepare``, step counts and checkpoint hooks."""
     cfg, acc, m = run.cfg, run.accelerator, run.models
     lr = cfg.learning_rate
@@ -306,7 +299,7 @@ def _prepare(run: _Run, get_scheduler) -> None:
     run.per_epoch = math.ceil(len(run.dataloader) / cfg.gradient_accumulation_steps)
     run.num_epochs = math.ceil(run.max_steps / run.per_epoch)
     ckpt.register_hooks(acc, cfg.mode, m.unet, m.text_encoder if m.train_text_encoder else None, m.ema,
-                        {run.guard.name: run.guard})
+                        {run.guard.state_key: run.guard})
 
 
 def _start_outputs(run: _Run) -> None:
@@ -329,9 +322,6 @@ def _resume(run: _Run, resume_path) -> None:
 def _build_monitor(run: _Run):
     if not (run.cfg.eval.enabled and run.accelerator.is_main_process):
         return None
-    from memreg.models import SDComponents
-    from memreg.monitor import MemorizationMonitor
-
     m = run.models
     comps = SDComponents(tokenizer=m.tokenizer, text_encoder=m.text_encoder, unet=m.unet, vae=m.vae,
                          scheduler=m.noise_scheduler, model=run.cfg.pretrained_model_name_or_path)
@@ -368,7 +358,7 @@ def _epoch_batches(run: _Run, epoch: int):
     return loader
 
 
-def _loop(run: _Run, result: TrainResult, tqdm) -> None:
+def _loop(run: _Run, result: TrainResult) -> None:
     cfg, acc = run.cfg, run.accelerator
     if acc.is_main_process:
         logger.info("training: %d steps (%d epochs of %d), batch %d x %d processes x %d accumulation = %d, mode %s, "
@@ -461,18 +451,18 @@ def _end_of_step(run: _Run, window: "_Window", step_time: float, grad_norm, resu
         m.ema.step(m.unet.parameters())
     logs = window.summarize(acc)
     logs.update(run.guard.step_logs(logs))
-    logs.update({"train/lr": run.lr_scheduler.get_last_lr()[0], "perf/step_time_s": step_time,
-                 "perf/samples_per_s": run.total_batch / step_time if step_time > 0 else math.nan,
-                 "perf/peak_mem_mb": peak_memory_mb(acc.device)})
+    logs.update({tags.TRAIN_LR: run.lr_scheduler.get_last_lr()[0], tags.PERF_STEP_TIME: step_time,
+                 tags.PERF_SAMPLES_PER_S: run.total_batch / step_time if step_time > 0 else math.nan,
+                 tags.PERF_PEAK_MEM_MB: peak_memory_mb(acc.device)})
     if grad_norm is not None:
-        logs["train/grad_norm"] = grad_norm
+        logs[tags.TRAIN_GRAD_NORM] = grad_norm
     if run.meter is not None:
-        logs["perf/activation_mb"] = run.meter.peak / 2**20
+        logs[tags.PERF_ACTIVATION_MB] = run.meter.peak / 2**20
         run.meter.peak = 0
     run.global_step += 1
     progress.update(1)
-    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()
-                          if k in ("train/loss_mse", "guard/penalty", "guard/cond_ratio")})
+    shown = (tags.TRAIN_LOSS_MSE, *run.guard.progress_keys)
+    progress.set_postfix({k.split("/")[-1]: f"{logs[k]:.4g}" for k in shown if k in logs})
     acc.log(logs, step=run.global_step)
     if acc.is_main_process:
         result.logs.append(dict(logs, step=run.global_step))
@@ -489,13 +479,13 @@ def _finish(run: _Run, result: TrainResult) -> None:
     report = run.guard.finish()
     if report:
         result.final_report = report
-        acc.log({f"guard/{k}": v for k, v in report.items()}, step=run.global_step)
+        acc.log({tags.guard_final(k): v for k, v in report.items()}, step=run.global_step)
     if acc.is_main_process:
         if cfg.mode == "full":
             if m.ema is not None:
                 m.ema.copy_to(m.unet.parameters())
             for mod in (m.unet, m.text_encoder, m.vae):
-                _to(mod, acc.device, torch.float32)
+                move_model(mod, acc.device, torch.float32)
 
         def write(directory: Path) -> None:
             if cfg.mode == "lora":
@@ -520,23 +510,37 @@ class _MicroOut:
     loss_mse: torch.Tensor
 
 
-def _latents(batch, vae, wdtype) -> torch.Tensor:
-    if "pixel_values" in batch:
-        lat = vae.encode(batch["pixel_values"].to(wdtype)).latent_dist.sample()
+def _randn_like(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``: from the device's RNG, or from the CPU generator ``gen``."""
+    return torch.randn_like(x) if gen is None else torch.randn(x.shape, generator=gen).to(x)
+
+
+def _noisy_latents(batch, m, noise_offset: float = 0.0, gen: torch.Generator | None = None):
+    """``(latents, noise, timesteps, noisy latents)`` of a batch, in diffusers' order: sample the
+    latents (VAE posterior of ``pixel_values``, or the cached ``latent_mean``/``latent_std``), draw the
+    noise (plus ``noise_offset`` times per-channel noise), the timesteps, and noise the latents.
+
+    ``gen`` None: every draw from the training RNG (the training step). A CPU generator: every draw
+    from it (guard calibration), so the same seed gives the same batches on any device."""
+    with torch.no_grad():
+        if "pixel_values" in batch:
+            dist = m.vae.encode(batch["pixel_values"].to(m.weight_dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = (mean + std * _randn_like(mean, gen)) * m.vae.config.scaling_factor
+    noise = _randn_like(latents, gen)
+    if noise_offset:
+        shape = (latents.shape[0], latents.shape[1], 1, 1)
+        offset = (torch.randn(shape, device=latents.device, dtype=latents.dtype) if gen is None
+                  else torch.randn(shape, generator=gen).to(latents))
+        noise = noise + noise_offset * offset
+    num_t, n = m.noise_scheduler.config.num_train_timesteps, latents.shape[0]
+    if gen is None:
+        timesteps = torch.randint(0, num_t, (n,), device=latents.device).long()
     else:
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        lat = mean + std * torch.randn_like(mean)
-    return lat * vae.config.scaling_factor
-
-
-def _noised(cfg, latents: torch.Tensor, noise_scheduler):
-    """(noise, timesteps, noisy latents) from the training RNG, in diffusers' order."""
-    noise = torch.randn_like(latents)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                       device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
-    return noise, t, noise_scheduler.add_noise(latents, noise, t)
+        timesteps = torch.randint(0, num_t, (n,), generator=gen).to(latents.device)
+    return latents, noise, timesteps, m.noise_scheduler.add_noise(latents, noise, timesteps)
 
 
 def _per_sample_loss(run: _Run, model_pred, target, timesteps) -> torch.Tensor:
@@ -544,7 +548,7 @@ def _per_sample_loss(run: _Run, model_pred, target, timesteps) -> torch.Tensor:
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     gamma = run.cfg.snr_gamma
     if gamma is not None:
-        snr = run.compute_snr(run.models.noise_scheduler, timesteps)
+        snr = compute_snr(run.models.noise_scheduler, timesteps)
         w = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
         w = w / snr if run.prediction_type == "epsilon" else w / (snr + 1)
         per_sample = per_sample * w
@@ -553,9 +557,7 @@ def _per_sample_loss(run: _Run, model_pred, target, timesteps) -> torch.Tensor:
 
 def _micro_step(run: _Run, batch) -> _MicroOut:
     m, guard, step = run.models, run.guard, run.global_step
-    with torch.no_grad():
-        latents = _latents(batch, m.vae, m.weight_dtype)
-    noise, timesteps, noisy = _noised(run.cfg, latents, m.noise_scheduler)
+    latents, noise, timesteps, noisy = _noisy_latents(batch, m, noise_offset=run.cfg.noise_offset)
     captions = guard.captions(list(batch["caption"]))
     with nullcontext() if m.train_text_encoder else torch.no_grad():
         embeds = run.encoder(captions, model=run.te_p)
@@ -564,13 +566,13 @@ def _micro_step(run: _Run, batch) -> _MicroOut:
         target = noise
     else:
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
-    extra = guard.extra_inputs(step, embeds)
+    extra = guard.extra_inputs(step, embeds, captions)
     out = run.forward(*concat_inputs((noisy, timesteps, embeds), extra),
                       checkpointing=extra is not None and extra.checkpointing)
     model_pred, extra_out = split_output(out, latents.shape[0])
     per_sample = _per_sample_loss(run, model_pred, target, timesteps)
     res = guard.loss(GuardBatch(step=step, noisy=noisy, timesteps=timesteps, embeds=embeds, model_pred=model_pred,
-                                per_sample=per_sample, extra_out=extra_out, forward=run.forward))
+                                per_sample=per_sample, extra_out=extra_out, forward=run.forward, captions=captions))
     zero = (model_pred.float() * 0).sum() if res.loss is None else None
     return _MicroOut(loss=res.loss, zero=zero, loss_mse=res.loss_mse)
 
@@ -589,7 +591,7 @@ class _Window:
         mse = torch.stack([o.loss_mse.float().reshape(()) for o in self.items]).to(accelerator.device)
         mse_all = _gather_cat(accelerator, mse)
         mse_all = mse_all[~torch.isnan(mse_all)]
-        return {"train/loss_mse": float(mse_all.mean()) if mse_all.numel() else math.nan}
+        return {tags.TRAIN_LOSS_MSE: float(mse_all.mean()) if mse_all.numel() else math.nan}
 
 
 def _save_checkpoint(cfg, accelerator, global_step: int) -> None:
@@ -609,12 +611,5 @@ def _calibration_batches(run: _Run, num_batches: int, gen: torch.Generator):
     for start in range(0, n, cfg.train_batch_size):
         batch = data_mod.collate([dataset[k] for k in keys[start:start + cfg.train_batch_size]])
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            dist = m.vae.encode(batch["pixel_values"].to(m.weight_dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-        else:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        lat = (mean + std * torch.randn(mean.shape, generator=gen).to(mean)) * m.vae.config.scaling_factor
-        noise = torch.randn(lat.shape, generator=gen).to(lat)
-        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
-        yield {"noisy": m.noise_scheduler.add_noise(lat, noise, t), "timesteps": t, "captions": batch["caption"]}
+        _, _, timesteps, noisy = _noisy_latents(batch, m, gen=gen)
+        yield {"noisy": noisy, "timesteps": timesteps, "captions": batch["caption"]}

@@ -21,11 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from memreg.training.checkpoint import CheckpointError
+from memreg.training.checkpoint import LOCK_NAME, CheckpointError
 
 logger = logging.getLogger(__name__)
-
-LOCK_NAME = ".memreg.lock"
 
 
 class OutputDirLockedError(CheckpointError):

@@ -62,8 +62,9 @@ def add_lora_adapter(model, config) -> None:
         model.peft_config = {"default": config}
 
 
-def _to(model, device, dtype) -> None:
-    """Move (and cast only when needed: diffusers warns on every dtype cast)."""
+def move_model(model, device, dtype) -> None:
+    """Move ``model`` to ``device`` and ``dtype``, casting only when a parameter has another dtype
+    (diffusers warns on every dtype cast)."""
     if any(p.dtype != dtype for p in model.parameters()):
         model.to(device, dtype=dtype)
     else:
@@ -83,11 +84,11 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        _to(unet, device, wdtype)
+        move_model(unet, device, wdtype)
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
                                     target_modules=list(cfg.lora_target_modules)))
         te.requires_grad_(False)
-        _to(te, device, wdtype)
+        move_model(te, device, wdtype)
         if cfg.train_text_encoder:
             add_lora_adapter(te, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank,
                                             init_lora_weights="gaussian",
@@ -95,16 +96,16 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
         if wdtype != torch.float32:
             cast_training_params([unet, te] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
-        _to(unet, device, torch.float32)
+        move_model(unet, device, torch.float32)
         unet.requires_grad_(True)
         te.requires_grad_(cfg.train_text_encoder)
-        _to(te, device, torch.float32 if cfg.train_text_encoder else wdtype)
+        move_model(te, device, torch.float32 if cfg.train_text_encoder else wdtype)
         if cfg.use_ema:
             ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                            model_config=unet.config)
             ema.to(device)
     vae.requires_grad_(False)
-    _to(vae, device, wdtype)
+    move_model(vae, device, wdtype)
     unet.train()
     if cfg.train_text_encoder:
         te.train()

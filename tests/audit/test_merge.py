@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 
-from memreg.audit.captions import normalize_caption, text_key
+from memreg.audit.captions import normalize_caption
 from memreg.audit.merge import RowIndex, caption_groups, cluster_rows, rank_clusters, risk, score_quantile
+from memreg.keys import text_key
 
 
 def test_normalize_caption():

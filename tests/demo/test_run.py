@@ -47,7 +47,7 @@ def test_results_have_every_field(quick_demo):
     assert all(isinstance(t["pass"], bool) for t in saved["targets"])
     assert (out / "report.html").is_file() and (out / "samples_none.png").is_file()
     assert (out / "tradeoff.png").is_file() and "Copy rate vs held-out loss" in (out / "report.html").read_text()
-    penalty_weights = {n: r["weight"] for n, r in saved["runs"].items() if r["guard"] == "penalty"}
+    penalty_weights = {n: r["weight"] for n, r in saved["runs"].items() if r["guard"] == "anisotropy_gate"}
     assert len(set(penalty_weights.values())) >= 2 and None not in penalty_weights.values()
     for name in saved["runs"]:
         assert list((out / "runs" / name).rglob("events.out.tfevents.*"))

@@ -10,9 +10,10 @@ from memreg.guards import ExtraInputs, GuardBatch, GuardContext, NoGuard, build_
 
 
 def test_public_api_and_registry():
-    assert set(guards.GUARDS) == {"none", "penalty", "wen_filter", "caption_noise", "agc"}
+    assert set(guards.GUARDS) == {"none", "anisotropy_gate", "wen_filter", "caption_noise", "agc"}
     for name in guards.GUARDS:
         assert guards.guard_class(name).name == name
+    assert guards.guard_class("penalty") is guards.guard_class("anisotropy_gate")   # the old name still works
     with pytest.raises(ValueError, match="unknown guard type 'nope'"):
         guards.guard_class("nope")
     with pytest.raises(Exception, match="guard.agc"):
@@ -35,7 +36,7 @@ def test_no_guard_is_the_plain_mean(eps_components):
     c = eps_components
     ctx = GuardContext.for_models(c.unet, c.scheduler, c.tokenizer, c.text_encoder, (4, 16, 16))
     g = build_guard({"type": "none"}, ctx)
-    assert isinstance(g, NoGuard) and g.extra_inputs(0, torch.zeros(1)) is None
+    assert isinstance(g, NoGuard) and g.extra_inputs(0, torch.zeros(1), None) is None
     per = torch.tensor([1.0, 2.0, 6.0])
     out = g.loss(GuardBatch(0, None, None, None, None, per))
     assert out.loss.item() == 3.0 and g.state_dict() == {}

@@ -1,4 +1,4 @@
-"""The caption gate (memreg/guards/gate.py, guard.gate in penalty.py): flags by hand, the weighted
+"""The caption gate (memreg/guards/anisotropy_gate/gate.py, guard.gate): flags by hand, the weighted
 denoising loss by hand, the per-group gate rates, checkpoint state, config errors, the trainer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from memreg import log_tags as tags
 from memreg.guards import GuardBatch, GuardContext, build_guard
-from memreg.guards.gate import CaptionGate, caption_keys
+from memreg.guards.anisotropy_gate.gate import CaptionGate, caption_keys
 from memreg.score import prompt_seed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,10 +82,10 @@ def _guard(c, **cfg):
 def _step(guard, enc, unet, per_sample, step=0):
     caps = guard.captions(list(CAPTIONS))
     embeds = enc(caps)
-    extra = guard.extra_inputs(step, embeds)
+    extra = guard.extra_inputs(step, embeds, caps)
     with torch.no_grad():
         out = None if extra is None else unet(extra.sample, extra.timesteps, encoder_hidden_states=extra.embeds).sample
-    return guard.loss(GuardBatch(step, None, None, embeds, None, per_sample, extra_out=out))
+    return guard.loss(GuardBatch(step, None, None, embeds, None, per_sample, extra_out=out, captions=caps))
 
 
 def test_a_fired_probe_takes_its_caption_out_of_this_and_later_batches(eps_components):
@@ -126,8 +126,8 @@ def test_gate_state_roundtrip_through_the_checkpoint_files(eps_components, tmp_p
     save_guard_state({"penalty": a}, tmp_path, rank=0)
     b, _ = _guard(c, tau=-1e9, gate_release=False)
     load_guard_state({"penalty": b}, tmp_path, rank=0)
-    assert b.gate.flagged == a.gate.flagged and torch.equal(b.gate_counts, a.gate_counts)
-    assert b.fire_rate_totals() == a.fire_rate_totals()
+    assert b.gate.flagged == a.gate.flagged and torch.equal(b.counters.gate_counts, a.counters.gate_counts)
+    assert b.counters.totals() == a.counters.totals()
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -173,13 +173,13 @@ def test_trainer_at_the_defaults_logs_the_gate_and_resumes_exactly(tiny_sd_eps, 
               guard__calibration_seeds=1, checkpointing_steps=2)
     straight = h.run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **kw)
     g = straight.guard
-    assert g.gate is not None and g.reference.mode == "base+population" and g.reference.source == "cache"
-    assert g.probe_forward == "measure" and g.penalty.every_n_steps == 2
+    assert g.gate is not None and g.threshold.mode == "base+population" and g.threshold.source == "cache"
+    assert g.probe_forward == "measure" and g.probes.every_n_steps == 2
     assert all(tags.guard_gate_rate("ordinary") in log for log in straight.logs)
     h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
     resumed = h.run(tiny_sd_eps, tiny_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
     r = resumed.guard
-    assert r.gate.flagged == g.gate.flagged and torch.equal(r.reference.population.buffer, g.reference.population.buffer)
-    assert torch.equal(r.reference.cache.values, g.reference.cache.values)
+    assert r.gate.flagged == g.gate.flagged and torch.equal(r.threshold.population.buffer, g.threshold.population.buffer)
+    assert torch.equal(r.threshold.cache.values, g.threshold.cache.values)
     a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

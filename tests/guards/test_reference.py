@@ -1,4 +1,4 @@
-"""Per-caption references of the penalty (memreg/guards/reference.py, guard.reference in penalty.py):
+"""Per-caption references of the anisotropy gate (memreg/guards/anisotropy_gate/reference.py, guard.reference):
 hand-computed growth, MAD threshold, firing rates; cache = base model on the same noise; state; trainer."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,16 +17,17 @@ from PIL import Image
 
 from memreg import log_tags as tags
 from memreg.guards import GuardContext, build_guard
-from memreg.guards.penalty import MemorizationPenalty, PenaltyOutput, make_scorer
-from memreg.guards.reference import (
+from memreg.guards.anisotropy_gate.counters import fire_rates
+from memreg.guards.anisotropy_gate.loss import penalty
+from memreg.guards.anisotropy_gate.probes import ProbeResult, caption_latents
+from memreg.guards.anisotropy_gate.reference import (
     BaseReferenceCache,
     PopulationThreshold,
     Reference,
-    caption_latents,
     duplicated_captions,
-    fire_rates,
 )
-from memreg.score import prompt_seed
+from memreg.guards.anisotropy_gate.threshold import Calibration, Calibrator
+from memreg.score import make_scorer, prompt_seed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,31 +85,32 @@ def test_reference_threshold_per_mode():
         Reference("none")
 
 
-class _FakeScorer:
-    g1 = 1.0
+def _relative_penalty(quantity, threshold, known, zscore="none", calibrator=None):
+    """The base reference's penalty on ``quantity`` (a growth: base values 0) with the bar ``threshold``."""
+    ref = Reference("base", margin=threshold, zscore=zscore, calibrator=calibrator)
+    probe = SimpleNamespace(base=torch.zeros(quantity.shape[0]), known=known)
+    verdict = ref.compare(quantity, probe)
+    return penalty("hinge", verdict), verdict.over
 
 
 def test_relative_penalty_hinge_on_growth_by_hand():
-    pen = MemorizationPenalty(_FakeScorer(), tau=0.0, zscore="none")
     growth = torch.tensor([0.1, 0.5, 0.9, 2.0], requires_grad=True)
     known = torch.tensor([True, True, True, False])
-    loss, over = pen.relative_penalty(growth, 0.4, known)
+    loss, over = _relative_penalty(growth, 0.4, known)
     # relu(g - 0.4) = [0, 0.1, 0.5, (1.6: no base value, not counted)] -> 0.6 / 4
     assert loss.item() == pytest.approx(0.15)
     assert over.tolist() == [False, True, True, False]
     loss.backward()
     assert growth.grad.tolist() == pytest.approx([0.0, 0.25, 0.25, 0.0])
-    loss_inf, over_inf = pen.relative_penalty(growth, math.inf, known)   # population not warmed up
+    loss_inf, over_inf = _relative_penalty(growth, math.inf, known)   # population not warmed up
     assert loss_inf.item() == 0.0 and not over_inf.any()
 
 
 def test_relative_penalty_calib_divides_by_the_calibration_std():
-    from memreg.guards.penalty import Calibration
-
-    pen = MemorizationPenalty(_FakeScorer(), tau=0.0, zscore="calib")
-    pen.set_calibration(Calibration(tau=0.0, mu=5.0, sigma=2.0, ref_norm=1.0, num_values=4, quantile=0.95,
+    cal = Calibrator(tau=0.0)
+    cal.set_calibration(Calibration(tau=0.0, mu=5.0, sigma=2.0, ref_norm=1.0, num_values=4, quantile=0.95,
                                     frac_over=0.0))
-    loss, _ = pen.relative_penalty(torch.tensor([1.0, 0.0]), 0.2, torch.tensor([True, True]))
+    loss, _ = _relative_penalty(torch.tensor([1.0, 0.0]), 0.2, torch.tensor([True, True]), "calib", cal)
     assert loss.item() == pytest.approx((0.8 / 2) / 2)   # mu does not enter a difference
 
 
@@ -179,17 +182,17 @@ def _probe_step(guard, enc, unet, step=0):
 
     caps = guard.captions(list(CAPTIONS))
     embeds = enc(caps)
-    extra = guard.extra_inputs(step, embeds)
+    extra = guard.extra_inputs(step, embeds, caps)
     with torch.no_grad():
         out = unet(extra.sample, extra.timesteps, encoder_hidden_states=extra.embeds).sample
     per = torch.zeros(len(caps))
-    return guard.loss(GuardBatch(step, None, None, embeds, None, per, extra_out=out)), guard._outs[-1]
+    return guard.loss(GuardBatch(step, None, None, embeds, None, per, extra_out=out, captions=caps)), guard._outs[-1]
 
 
 def test_cache_is_the_base_norm_on_each_captions_noise_and_growth_is_by_hand(eps_components):
     c = eps_components
     guard, enc = _guard(c, term="auto", reference_draws=2, reference_margin=0.05)
-    assert guard.penalty.term == "norm" and guard.reference.source == "cache"   # no LoRA: cached
+    assert guard.probes.signal == "norm" and guard.threshold.source == "cache"   # no LoRA: cached
     guard.calibrate()
     scorer = make_scorer(c.unet, c.scheduler)
     cond = enc(CAPTIONS)
@@ -197,7 +200,7 @@ def test_cache_is_the_base_norm_on_each_captions_noise_and_growth_is_by_hand(eps
         for d in range(2):
             x = caption_latents(CAPTIONS, [d] * 4, 2, 11, (4, 16, 16))
             hand = scorer.g1 * scorer(x, cond, enc.uncond()).norm
-            assert torch.allclose(guard.reference.cache.values[:, d], hand, atol=1e-5)
+            assert torch.allclose(guard.threshold.cache.values[:, d], hand, atol=1e-5)
     # the trained forward on the same model and the same per-caption noise: growth 0
     _, pout = _probe_step(guard, enc, c.unet)
     assert torch.allclose(pout.growth, torch.zeros(4), atol=1e-5) and not pout.over.any()
@@ -228,14 +231,12 @@ def test_growth_by_hand_with_a_tuned_model(eps_components):
 
 
 def test_step_logs_fire_rates_threshold_and_cond_ratio_on_planted_outputs(eps_components):
-    from memreg.guards.penalty import Calibration
-
     guard, _ = _guard(eps_components, reference="base+population", population_min=1, reference_margin=0.1)
-    guard.penalty.set_calibration(Calibration(tau=1.0, mu=0, sigma=1, ref_norm=2.0, num_values=4, quantile=0.95,
+    guard.calibrator.set_calibration(Calibration(tau=1.0, mu=0, sigma=1, ref_norm=2.0, num_values=4, quantile=0.95,
                                               frac_over=0))
-    guard.reference.population.update(torch.tensor([0.0, 0.02, 0.04]))   # median 0.02, MAD 0.02
+    guard.threshold.population.update(torch.tensor([0.0, 0.02, 0.04]))   # median 0.02, MAD 0.02
     z = torch.zeros(())
-    guard._outs = [PenaltyOutput(loss=z, weighted=z, values=torch.tensor([1.0, 1.0, 1.0, 1.0]),
+    guard._outs = [ProbeResult(loss=z, weighted=z, values=torch.tensor([1.0, 1.0, 1.0, 1.0]),
                                  norm=torch.tensor([3.0, 1.0, 2.0, 5.0]), over=torch.tensor([True, False, False, True]),
                                  growth=torch.tensor([0.9, 0.0, 0.05, 0.5]),
                                  duplicated=torch.tensor([True, True, False, False]))]
@@ -244,8 +245,8 @@ def test_step_logs_fire_rates_threshold_and_cond_ratio_on_planted_outputs(eps_co
     assert logs[tags.GUARD_THRESHOLD] == pytest.approx(max(0.1, 0.02 + 3 * 1.4826 * 0.02))
     assert logs[tags.GUARD_GROWTH_MEAN] == pytest.approx((0.9 + 0.0 + 0.05 + 0.5) / 4)
     assert logs[tags.GUARD_COND_RATIO] == pytest.approx(((1.0 + 2.0) / 2) / 2.0)   # probes not fired on
-    assert guard.fire_counts.tolist() == [1.0, 2.0, 1.0, 2.0]
-    assert guard.fire_rate_totals() == {"fire_rate_duplicated": 0.5, "fire_rate_ordinary": 0.5}
+    assert guard.counters.fire_counts.tolist() == [1.0, 2.0, 1.0, 2.0]
+    assert guard.counters.totals() == {"fire_rate_duplicated": 0.5, "fire_rate_ordinary": 0.5}
 
 
 def test_state_roundtrip_through_the_checkpoint_files(eps_components, tmp_path):
@@ -256,16 +257,17 @@ def test_state_roundtrip_through_the_checkpoint_files(eps_components, tmp_path):
     a, enc = _guard(c, **kw)
     a.calibrate()
     _probe_step(a, enc, c.unet)
-    a.fire_counts += torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    a.counters.fire_counts += torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     save_guard_state({"penalty": a}, tmp_path, rank=0)
     b, _ = _guard(c, **kw)
     load_guard_state({"penalty": b}, tmp_path, rank=0)
-    assert b.reference.cache.captions == a.reference.cache.captions
-    assert torch.equal(b.reference.cache.values, a.reference.cache.values)
-    assert torch.equal(b.reference.population.buffer, a.reference.population.buffer)
-    assert b.reference.threshold() == a.reference.threshold() and torch.equal(b.fire_counts, a.fire_counts)
+    assert b.threshold.cache.captions == a.threshold.cache.captions
+    assert torch.equal(b.threshold.cache.values, a.threshold.cache.values)
+    assert torch.equal(b.threshold.population.buffer, a.threshold.population.buffer)
+    assert b.threshold.threshold() == a.threshold.threshold() and torch.equal(b.counters.fire_counts,
+                                                                              a.counters.fire_counts)
     b.calibrate()                                    # resumed: nothing recomputed
-    assert torch.equal(b.reference.cache.values, a.reference.cache.values)
+    assert torch.equal(b.threshold.cache.values, a.threshold.cache.values)
     _, pa = _probe_step(a, enc, c.unet, step=1)
     _, pb = _probe_step(b, enc, c.unet, step=1)
     assert torch.equal(pa.growth, pb.growth) and torch.equal(pa.values, pb.values)
@@ -308,7 +310,7 @@ def test_weight_zero_in_reference_mode_reproduces_the_plain_run(tiny_sd_eps, dup
     h.run(tiny_sd_eps, dup_data, tmp_path / "plain", steps=4, checkpointing_steps=2)
     res = h.run(tiny_sd_eps, dup_data, tmp_path / "w0", steps=4, guard__weight=0.0, guard__reference_source="forward",
                 **REF_ON)
-    assert res.guard.probe_forward == "measure" and res.guard.reference.source == "forward"   # LoRA adapters off
+    assert res.guard.probe_forward == "measure" and res.guard.threshold.source == "forward"   # LoRA adapters off
     assert all(tags.GUARD_THRESHOLD in log for log in res.logs)     # probes really ran every step
     assert any(tags.guard_fire_rate("ordinary") in log for log in res.logs)
     assert res.guard.ctx.duplicated_captions == {"a red circle"}
@@ -323,13 +325,13 @@ def test_cached_reference_and_population_resume_exactly(tiny_sd_eps, dup_data, t
     h.run(tiny_sd_eps, dup_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
     resumed = h.run(tiny_sd_eps, dup_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
     s, r = straight.guard, resumed.guard
-    assert s.reference.source == "cache" and len(s.reference.cache) == 10  # 8 records, 2 with 2 captions
-    assert torch.equal(s.reference.cache.values, r.reference.cache.values)
-    pop = s.reference.population                                           # 2 probes x 4 steps, one value per caption
+    assert s.threshold.source == "cache" and len(s.threshold.cache) == 10  # 8 records, 2 with 2 captions
+    assert torch.equal(s.threshold.cache.values, r.threshold.cache.values)
+    pop = s.threshold.population                                           # 2 probes x 4 steps, one value per caption
     assert 2 <= pop.buffer.numel() <= 8 and pop.keys.unique().numel() == pop.buffer.numel()
-    assert torch.equal(pop.keys, r.reference.population.keys)
-    assert torch.equal(s.reference.population.buffer, r.reference.population.buffer)
-    assert torch.equal(s.fire_counts, r.fire_counts)
+    assert torch.equal(pop.keys, r.threshold.population.keys)
+    assert torch.equal(s.threshold.population.buffer, r.threshold.population.buffer)
+    assert torch.equal(s.counters.fire_counts, r.counters.fire_counts)
     a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
@@ -366,5 +368,5 @@ def test_two_processes_share_one_cache_and_one_population(tiny_sd_eps, dup_data,
                                                                                       # one value per caption
     single = h.run(tiny_sd_eps, dup_data, tmp_path / "one", steps=1, **dict(kw, stop_at_step=1)).guard
     ddp_caps = metas[0]["penalty"]["reference"]["cache"]["captions"]
-    assert ddp_caps == single.reference.cache.captions
-    assert torch.allclose(states[0]["penalty.reference.cache.values"], single.reference.cache.values, atol=1e-5)
+    assert ddp_caps == single.threshold.cache.captions
+    assert torch.allclose(states[0]["penalty.reference.cache.values"], single.threshold.cache.values, atol=1e-5)

@@ -100,7 +100,7 @@ def test_real_model_configs_fit_a_24gb_gpu_recipe():
     for name in ("sd15_lora_guard.yaml", "sd21_lora_guard.yaml", "sd15_full_guard.yaml"):
         cfg = load_config(["--config", str(REPO / "configs" / name)])
         assert cfg.mixed_precision == "fp16", name
-        assert cfg.guard.type == "penalty", name
+        assert cfg.guard.type == "anisotropy_gate", name
     full = load_config(["--config", str(REPO / "configs" / "sd15_full_guard.yaml")])
     assert full.mode == "full" and full.gradient_checkpointing and full.use_ema
 
@@ -114,7 +114,7 @@ def test_valid_keys_cover_sections():
 def test_shipped_guard_configs_turn_the_monitor_on():
     for name in ("sd15_lora_guard", "sd21_lora_guard", "sd15_full_guard"):
         cfg = load_config(["--config", str(REPO / "configs" / f"{name}.yaml")])
-        assert cfg.guard.type == "penalty" and cfg.eval.enabled is True, name
+        assert cfg.guard.type == "anisotropy_gate" and cfg.eval.enabled is True, name
         assert cfg.eval.heldout_fraction > 0 and cfg.eval.preset == ("sd2" if "sd21" in name else "sd1")
 
 

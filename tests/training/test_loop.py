@@ -338,11 +338,12 @@ def test_readme_guard_lines_in_a_hand_written_loop_match_the_trainer(guard, tiny
     from memreg.models import load_components
 
     seen = {}
-    noised, micro = loop._noised, loop._micro_step
+    noised, micro = loop._noisy_latents, loop._micro_step
 
-    def spy_noised(cfg, latents, sched):
-        out = noised(cfg, latents, sched)
-        seen.setdefault("noised", out)
+    def spy_noised(batch, m, noise_offset=0.0, gen=None):
+        out = noised(batch, m, noise_offset=noise_offset, gen=gen)
+        if gen is None:  # the training step's draws (a generator: the guard's calibration batches)
+            seen.setdefault("noised", out[1:])
         return out
 
     def spy_micro(run_, batch):
@@ -351,7 +352,7 @@ def test_readme_guard_lines_in_a_hand_written_loop_match_the_trainer(guard, tiny
         seen.setdefault("captions", list(batch["caption"]))
         return out
 
-    monkeypatch.setattr(loop, "_noised", spy_noised)
+    monkeypatch.setattr(loop, "_noisy_latents", spy_noised)
     monkeypatch.setattr(loop, "_micro_step", spy_micro)
     res = run(tiny_sd_eps, tiny_data, tmp_path / "trainer", steps=1, guard__type=guard, guard__seed=0,
               guard__calibration_prompts=64)
@@ -367,7 +368,7 @@ def test_readme_guard_lines_in_a_hand_written_loop_match_the_trainer(guard, tiny
     scope = dict(unet=unet, noise_scheduler=noise_scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
                  captions=captions, batch_captions=seen["captions"], global_step=0, noisy_latents=noisy_latents, timesteps=timesteps,
                  encoder_hidden_states=encoder_hidden_states, target=noise, F=F)
-    lines = _readme_guard_lines().replace('{"type": "penalty"}', f'{{"type": "{guard}"}}')
+    lines = _readme_guard_lines().replace('{"type": "anisotropy_gate"}', f'{{"type": "{guard}"}}')
     assert len([ln for ln in lines.splitlines() if ln.strip() and not ln.startswith("#")]) <= 12
     exec(compile(lines, "README.md", "exec"), scope)
     assert scope["extra"] is None   # agc: no extra inputs; penalty at weight 0: probes in a no-grad forward ...

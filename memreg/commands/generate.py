@@ -3,7 +3,7 @@
 Writes to ``--out`` (which must be new or empty): ``images/NNNNN.png`` (one per prompt and seed),
 ``mitigation.jsonl`` (per image: prompt, seed, image, flagged, score before/after, steps,
 seconds), ``contact_sheet.png`` (the first ``SHEET_MAX`` images, labelled) and ``settings.json``.
-Bad input gets ``memreg detect``'s one-line errors and exit code 2. Library: ``memreg.mitigate``.
+Every flag and input file is checked before any weights load. Library: :mod:`memreg.mitigate`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from memreg.argtypes import finite_float
-from memreg.detect import _read, _resolve_weights, _versions, add_runtime_arguments
-from memreg.errors import MemregError
+from memreg.commands.common import (CommandError, add_runtime_arguments, add_sampling_arguments, check_out_empty,
+                                    device_and_dtype, read_prompt_file, resolve_weights, versions)
+from memreg.generation import build_pipeline
 from memreg.mitigate import MODES, MitigationConfig, calibrate_config, generate_mitigated
-from memreg.models import ModelError, check_model_path, load_components, parse_dtype
+from memreg.models import check_model_path, load_components
 
 RECORDS_FILE, SHEET_FILE, SETTINGS_FILE, IMAGE_DIR = "mitigation.jsonl", "contact_sheet.png", "settings.json", "images"
 SHEET_MAX, SHEET_CELL = 64, 96
-
-
-class GenerateError(MemregError, ValueError):
-    """Bad input to ``memreg generate`` (one line); the CLI exits with 2."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantile for the stop target with --calibrate and --mitigate score (default 0.25; "
                         "wen stops at its tau, as published)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images (seeds) per prompt")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses SEED + i*N + j")
-    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    p.add_argument("--guidance-scale", type=finite_float, default=7.5, help="classifier-free guidance scale")
+    add_sampling_arguments(p, "--steps", seed_help="first seed; image j of prompt i uses SEED + i*N + j")
     p.add_argument("--max-steps", type=int, default=10, help="optimisation step budget per prompt")
     p.add_argument("--lr", type=finite_float, default=0.05, help="AdamW learning rate on the embedding")
     p.add_argument("--draws", type=int, default=4, help="pure-noise draws per prompt and step (score)")
@@ -62,72 +58,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        run_generate(args)
-    except MemregError as e:
-        print(f"memreg generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _validate(args) -> None:
+def validate(args) -> None:
     for name in ("images_per_prompt", "steps", "batch_size", "draws"):
         if getattr(args, name) < 1:
-            raise GenerateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps < 0 or not args.lr > 0:
-        raise GenerateError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
+        raise CommandError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
     if args.guidance_scale < 0:
-        raise GenerateError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+        raise CommandError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if not 0 <= args.target_quantile <= args.tau_quantile <= 1:
-        raise GenerateError(f"need 0 <= --target-quantile <= --tau-quantile <= 1, got {args.target_quantile} and "
-                            f"{args.tau_quantile}")
+        raise CommandError(f"need 0 <= --target-quantile <= --tau-quantile <= 1, got {args.target_quantile} and "
+                           f"{args.tau_quantile}")
     if args.target is not None and (args.tau is None or args.target > args.tau):
-        raise GenerateError(f"--target needs --tau and must be <= it, got --target {args.target} --tau {args.tau}")
+        raise CommandError(f"--target needs --tau and must be <= it, got --target {args.target} --tau {args.tau}")
     if args.mitigate == "none" and (args.tau is not None or args.calibrate is not None):
-        raise GenerateError("--mitigate none takes neither --tau nor --calibrate")
+        raise CommandError("--mitigate none takes neither --tau nor --calibrate")
     if args.mitigate != "none" and (args.tau is None) == (args.calibrate is None):
-        raise GenerateError(f"--mitigate {args.mitigate} needs exactly one of --tau or --calibrate FILE")
+        raise CommandError(f"--mitigate {args.mitigate} needs exactly one of --tau or --calibrate FILE")
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise GenerateError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise GenerateError(f"--out {str(out)!r} is not empty; choose a new directory (nothing is overwritten)")
-
-
-def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise GenerateError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {args.device}: CUDA is not available")
-    try:
-        return device, parse_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    except ModelError as e:
-        raise GenerateError(f"--dtype: {e}") from None
-
-
-def _load(args, device, dtype):
-    return load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
-
-
-def run_generate(args: argparse.Namespace) -> dict:
-    """The whole ``memreg generate`` run; returns the settings dict. Raises GenerateError & co."""
-    _validate(args)
+def run(args: argparse.Namespace) -> int:
+    """The whole ``memreg generate`` run: every check before any weights load, then generation."""
+    validate(args)
     given = (args.preset, args.g1, args.g2) != (None, None, None)
-    preset, g1, g2 = _resolve_weights(args) if given else (None, None, None)  # None: the model's paper preset
-    prompts = _read(args.prompts, "--prompts").prompts
-    ordinary = _read(args.calibrate, "--calibrate").prompts if args.calibrate else None
+    # None: the model's paper preset (sd2 for v-prediction, else sd1), chosen by the library
+    preset, g1, g2 = resolve_weights(args.preset, args.g1, args.g2) if given else (None, None, None)
+    prompts = read_prompt_file(args.prompts, "--prompts").prompts
+    ordinary = read_prompt_file(args.calibrate, "--calibrate").prompts if args.calibrate else None
     out = Path(args.out)
-    _check_out(out)
+    check_out_empty(out)
     check_model_path(args.model)
-    device, dtype = _device_dtype(args)
-    comps = _load(args, device, dtype)
-    from memreg.generation import build_pipeline
-
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    comps = load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
     pipe = build_pipeline(comps)
     config = MitigationConfig(mode=args.mitigate, tau=args.tau, target=args.target, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
                               g1=g1, g2=g2, num_inference_steps=args.steps, move_padding=not args.freeze_padding)
@@ -135,7 +97,6 @@ def run_generate(args: argparse.Namespace) -> dict:
         calibrate_config(pipe, ordinary, config, args.tau_quantile, args.target_quantile, batch_size=args.batch_size)
     n = args.images_per_prompt
     rows = [(p, args.seed + i * n + j) for i, p in enumerate(prompts) for j in range(n)]
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     with tqdm(total=len(rows), unit="image", desc="memreg generate", file=sys.stderr, disable=args.no_progress) as bar:
@@ -149,12 +110,12 @@ def run_generate(args: argparse.Namespace) -> dict:
                 "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "timing": {"total_s": time.perf_counter() - t0, "mitigation_s": res.mitigation_seconds,
                            "generation_s": res.generation_seconds},
-                "versions": _versions()}
+                "versions": versions()}
     write_outputs(out, res, settings)
     flagged = sum(r.flagged for r in res.records)
     print(f"{len(rows)} images, {flagged} flagged and adapted ({args.mitigate}, tau={config.tau}, target={config.target}); "
           f"mitigation {res.mitigation_seconds:.1f}s, generation {res.generation_seconds:.1f}s; wrote {out}")
-    return settings
+    return 0
 
 
 def write_outputs(out: Path, res, settings: dict) -> None:
@@ -171,8 +132,6 @@ def write_outputs(out: Path, res, settings: dict) -> None:
 def contact_sheet(images, records, cell: int = SHEET_CELL, columns: int = 8):
     """A PIL grid of the images, each labelled with its index and, if flagged (red), its criterion
     before -> after and steps."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     cols = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // cols))

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from memreg.argtypes import finite_float
 from memreg.attack.api import check_lora, load_pipeline
 from memreg.attack.inputs import AttackInputError, read_clusters, read_imagefolder
@@ -25,8 +27,8 @@ from memreg.attack.outputs import (IMAGES_DIR, build_report, format_table, image
                                    write_json)
 from memreg.attack.runner import ATTACKS, AttackSettings, Attacker
 from memreg.attack.targets import group_images, interleave, select_control, select_trained
+from memreg.commands.common import add_sampling_arguments
 from memreg.copy_detect import build_copy_detector
-from memreg.errors import MemregError
 from memreg.models import check_model_path
 from memreg.sharding import (PARTS_DIR, apply_plan, part_path, plan_out, process_state, read_part,
                              run_shards, shard_ranges)
@@ -62,8 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=finite_float, default=0.01, help="Adam learning rate of the embedding search")
     p.add_argument("--fit-noises", type=int, default=4, help="(timestep, noise) pairs per search step")
     p.add_argument("--noise-seeds", type=int, default=16, help="initial noises tried by the 'noise' attack")
-    p.add_argument("--num-inference-steps", type=int, default=20, help="DDIM steps per generation")
-    p.add_argument("--guidance-scale", type=finite_float, default=7.5)
+    add_sampling_arguments(p, "--num-inference-steps", seed_help="seed of the target sample and of every generation")
     p.add_argument("--batch-size", type=int, default=8, help="generations per pipeline call")
     p.add_argument("--exhaustive", action="store_true", help="run every attack on every target (default: stop "
                    "at the first that extracts it)")
@@ -73,19 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sscd-path", default=None, help="SSCD TorchScript file (with --copy-detector sscd)")
     p.add_argument("--copy-threshold", type=finite_float, default=None, help="default: the detector's calibrated one")
     p.add_argument("--shard-size", type=int, default=4, help="targets per shard (the unit of resume)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace a finished attack in --out")
     p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        run_attack(args)
-    except MemregError as e:  # inputs, model dir, --out, copy detector: one line, exit 2
-        print(f"memreg attack: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _flag(name: str) -> str:
@@ -192,8 +183,8 @@ def collect(out: Path, n_items: int, shard_size: int) -> tuple[list[dict], bool]
     return records, complete
 
 
-def run_attack(args: argparse.Namespace) -> dict | None:
-    """The whole command on this process; the main process returns the attack.json dict."""
+def run(args: argparse.Namespace) -> int:
+    """The whole command on this process; the main process writes attack.json and attack.html."""
     t_start = time.perf_counter()
     state = process_state()
     settings = settings_of(args, validate(args))
@@ -209,8 +200,6 @@ def run_attack(args: argparse.Namespace) -> dict | None:
         (out / IMAGES_DIR).mkdir(exist_ok=True)
     state.wait_for_everyone()
     deadline = t_start + (args.time_budget if args.time_budget is not None else math.inf)
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(items), unit="target", desc="memreg attack", file=sys.stderr,
               disable=args.no_progress or not state.is_main_process) as bar:
         try:
@@ -221,7 +210,7 @@ def run_attack(args: argparse.Namespace) -> dict | None:
                   file=sys.stderr)
     state.wait_for_everyone()
     if not state.is_main_process:
-        return None
+        return 0
     records, complete = collect(out, len(items), args.shard_size)
     meta = {"model": args.model, "lora": args.lora, "data": args.data, "control": args.control,
             "clusters": args.clusters, "settings": settings.to_dict(),
@@ -234,4 +223,4 @@ def run_attack(args: argparse.Namespace) -> dict | None:
     done = f"{len(records)} of {len(items)} targets attacked" + ("" if complete else
                                                                  "; run the same command again to continue")
     print(f"memreg attack: {done}; wrote {out / 'attack.json'}, {out / 'attack.html'}")
-    return report
+    return 0

@@ -1,14 +1,14 @@
-"""``guard.gate``: the penalty's verdicts remembered per caption, acting on every batch.
+"""``guard.gate``: the probes' verdicts remembered per caption, acting on every batch.
 
-The penalty probes a few captions every few steps, while the denoising loss fits every sample of
-every batch; a duplicated caption seen in 40% of the batches is pulled back toward its image far
-more often than it is probed. The gate remembers which captions a probe found over the threshold
-(the penalty's own ``over``: absolute tau, or the reference's) and, on every batch, gives their
-samples the weight ``gate_weight`` in the denoising loss (0: dropped, the loss is the weighted mean
-over the batch, as Wen's filter takes the mean over kept samples). A flagged caption stays flagged
-until a probe of it comes back under the threshold (``gate_release: true``) or for the rest of the
-run (``false``). Memorization needs repetition, so the captions at risk are exactly the ones that
-come back to be probed; an ordinary caption flagged by chance loses one sample per epoch.
+The probes see a few captions every few steps, while the denoising loss fits every sample of every
+batch, so a duplicated caption is pulled back toward its image far more often than it is probed.
+The gate remembers which captions a probe found over the threshold (the threshold's own ``over``:
+absolute tau, or the reference's) and, on every batch, gives their samples the weight
+``gate_weight`` in the denoising loss (0: dropped; the loss is the weighted mean over the batch, as
+Wen's filter takes the mean over kept samples). A flagged caption stays flagged until a probe of it
+comes back under the threshold (``gate_release: true``) or for the rest of the run (``false``).
+Memorization needs repetition, so the captions at risk are exactly the ones that come back to be
+probed; an ordinary caption flagged by chance loses one sample per epoch.
 
 Captions are keyed by a 63-bit hash (:func:`memreg.score.prompt_seed`), so the flags gather across
 processes as int64 tensors and fit in a checkpoint (8 bytes per flagged caption).
@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from memreg.guards.anisotropy_gate.config import check_gate_weight
 from memreg.score import prompt_seed
 
 
@@ -34,8 +35,7 @@ class CaptionGate:
     weight in the denoising loss; ``release``: a probe under the threshold unflags its caption."""
 
     def __init__(self, weight: float = 0.0, release: bool = False):
-        if not 0.0 <= weight < 1.0:
-            raise ValueError(f"guard.gate_weight must be in [0, 1), got {weight!r}")
+        check_gate_weight(weight)
         self.weight = float(weight)
         self.release = bool(release)
         self.flagged: set[int] = set()

@@ -1,0 +1,143 @@
+"""Settings of the anisotropy gate (``guard.type: anisotropy_gate``, alias ``penalty``): the top-level
+``guard.*`` keys. :meth:`AnisotropyGateConfig.validate` holds every rule on them; the guard's parts
+are built from a validated config and do not re-check it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from memreg.config_schema import ConfigError, choice
+
+MODES = ("hinge", "mean")
+PROBE_SIGNALS = ("combined", "norm", "align")   # what a probe's value is: g1*norm + g2*align, g1*norm, g2*align
+ZSCORES = ("none", "calib", "batch")
+GRAD_THROUGH = ("cond", "both")
+REFERENCES = ("none", "base", "population", "base+population")
+SOURCES = ("auto", "cache", "forward")
+PRESETS = ("sd1", "sd2")
+
+
+def uses_base(reference: str) -> bool:
+    return reference in ("base", "base+population")
+
+
+def uses_population(reference: str) -> bool:
+    return reference in ("population", "base+population")
+
+
+def check_reference(reference: str, source: str = "auto") -> None:
+    """The rule on ``guard.reference`` and ``guard.reference_source`` (the config's and the reference's)."""
+    choice(reference, REFERENCES, "guard.reference")
+    choice(source, SOURCES, "guard.reference_source")
+
+
+def check_gate_weight(weight: float) -> None:
+    """A flagged caption's weight must stay below 1: at 1 the gate would change nothing."""
+    if not 0.0 <= weight < 1.0:
+        raise ConfigError(f"guard.gate_weight={weight} must be in [0, 1) (1 would be no gate)")
+
+
+def resolve_signal(term: str, reference: str) -> str:
+    """``term: auto`` -> ``combined`` for the absolute threshold, ``norm`` for the reference modes
+    (README's term comparison: the norm's growth over the base separates duplicated captions best)."""
+    if term != "auto":
+        return term
+    return "combined" if reference == "none" else "norm"
+
+
+@dataclass
+class AnisotropyGateConfig:
+    """Top-level ``guard.*`` keys. By default the probes only decide (``weight: 0``): a caption whose
+    probe fires leaves the denoising loss (the gate); ``weight > 0`` also adds the hinge penalty."""
+
+    mode: str = "hinge"                   # hinge: mean(relu(s - tau)); mean: mean(s)
+    weight: float = 0.0                   # lambda of the penalty; 0: the probes only feed the gate
+    tau: Union[float, str] = "auto"       # float (raw score units) or "auto"
+    tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
+    tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
+    probes_per_step: int = 2              # k captions of the batch probed per active step
+    every_n_steps: int = 2                # probes on optimizer steps with step % n == 0
+    warmup_steps: int = 0                 # no probes before this optimizer step
+    term: str = "auto"                    # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the
+                                          # probes); auto: combined with reference none, norm with the others
+    zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
+    max_force: Union[float, None] = None  # cap on a firing step's penalty gradient at the UNet output, as a
+                                          # multiple of the denoising loss's; None: no cap
+    grad_through: str = "both"            # both: the score's gradient flows through eps(c) and eps(empty); cond:
+                                          # eps(empty), shared by every caption, is detached
+    tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
+    preset: Union[str, None] = None       # sd1 | sd2 | None: memreg.score.make_scorer's rule for the model
+    t_hi: Union[int, None] = None
+    t_lo: Union[int, None] = None
+    calibration_prompts: int = 64
+    calibration_seeds: int = 2
+    fused_forward: bool = True            # probes ride in the denoising UNet forward
+    probe_checkpointing: Union[bool, str] = "auto"  # activation checkpointing on probe steps; auto: when the
+                                                    # run does not checkpoint anyway and the probes would add
+                                                    # > PROBE_MEMORY_SHARE to the forward's samples
+    # per-caption reference (memreg.guards.anisotropy_gate.reference); none: the absolute tau above
+    reference: str = "base+population"    # none | base | population | base+population
+    reference_source: str = "auto"        # base values: cache | forward (LoRA adapters off / ctx.reference) | auto
+    reference_draws: int = 2              # cache: fixed noise draws per caption
+    reference_margin: float = 0.0         # base: threshold on the growth; base+population: its floor (value units)
+    population_k: float = 2.0             # population threshold: median + k * 1.4826 * MAD of recent probes
+    population_window: int = 256          # how many recent captions' latest values (all processes) it is taken over
+    population_min: int = 16              # no threshold before this many values were seen
+    # caption gate (anisotropy_gate.gate): captions a probe found over the threshold leave the denoising loss
+    gate: bool = True
+    gate_weight: float = 0.0              # a flagged caption's sample weight in the denoising loss
+    gate_release: bool = False            # true: a probe back under the threshold unflags the caption
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a :class:`ConfigError` naming the first ``guard.<key>`` that cannot run."""
+        choice(self.mode, MODES, "guard.mode")
+        choice(self.term, PROBE_SIGNALS + ("auto",), "guard.term")
+        self._validate_reference()
+        choice(self.zscore, ZSCORES, "guard.zscore")
+        if isinstance(self.tau, str) and self.tau != "auto":
+            raise ConfigError(f"guard.tau={self.tau!r} must be a number or 'auto'")
+        if not 0.0 < self.tau_quantile < 1.0:
+            raise ConfigError(f"guard.tau_quantile={self.tau_quantile} must be in (0, 1)")
+        if self.preset is not None:
+            choice(self.preset, PRESETS, "guard.preset")
+        if self.probes_per_step < 1 or self.every_n_steps < 1 or self.warmup_steps < 0:
+            raise ConfigError("guard.probes_per_step and guard.every_n_steps must be >= 1, guard.warmup_steps >= 0")
+        if self.zscore == "batch" and self.probes_per_step < 2:
+            raise ConfigError("guard.zscore: batch needs guard.probes_per_step >= 2")
+        if not 0.0 <= self.tau_ema < 1.0:
+            raise ConfigError(f"guard.tau_ema={self.tau_ema} must be in [0, 1)")
+        if isinstance(self.probe_checkpointing, str) and self.probe_checkpointing != "auto":
+            raise ConfigError(f"guard.probe_checkpointing={self.probe_checkpointing!r} must be true, false or 'auto'")
+        if self.weight < 0:
+            raise ConfigError(f"guard.weight={self.weight} must be >= 0")
+        choice(self.grad_through, GRAD_THROUGH, "guard.grad_through")
+        check_gate_weight(self.gate_weight)
+        if self.max_force is not None and not self.max_force > 0:
+            raise ConfigError(f"guard.max_force={self.max_force} must be > 0 (or null: no cap)")
+        if self.calibration_prompts < 1 or self.calibration_seeds < 1:
+            raise ConfigError("guard.calibration_prompts and guard.calibration_seeds must be >= 1")
+
+    def _validate_reference(self) -> None:
+        check_reference(self.reference, self.reference_source)
+        if (self.reference_draws < 1 or self.population_window < 1
+                or not 1 <= self.population_min <= self.population_window):
+            raise ConfigError("guard.reference_draws and guard.population_window must be >= 1, guard.population_min "
+                              f"in [1, population_window] (got {self.reference_draws}, {self.population_window}, "
+                              f"{self.population_min})")
+        if self.population_k < 0:
+            raise ConfigError(f"guard.population_k={self.population_k} must be >= 0")
+        if self.reference != "none" and self.zscore == "batch":
+            raise ConfigError(f"guard.zscore: batch cannot be combined with guard.reference: {self.reference} "
+                              "(use zscore calib or none)")
+        if self.reference != "none" and self.tau_ema > 0:
+            raise ConfigError("guard.tau_ema applies to guard.reference: none only (the reference modes use "
+                              "guard.population_* instead)")
+
+    @property
+    def signal(self) -> str:
+        """The probe signal ``term`` resolves to (see :func:`resolve_signal`)."""
+        return resolve_signal(self.term, self.reference)

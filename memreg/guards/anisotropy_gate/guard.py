@@ -1,0 +1,246 @@
+"""``guard.type: anisotropy_gate`` (alias ``penalty``): probes decide, the gate acts.
+
+Every few optimizer steps a few captions of the batch are probed (:mod:`.probes`): their anisotropy
+value on pure noise, read from the same UNet forward as the denoising batch. The threshold
+(:mod:`.threshold`: an absolute tau, or a per-caption reference, :mod:`.reference`) says which probes
+are over it; the caption gate (:mod:`.gate`) takes a caption whose probe fired out of the denoising
+loss of this and every later batch. By default (``weight: 0``) that is all: the probes run in a
+no-grad forward and only decide. A weight above 0 adds the penalty (:mod:`.loss`), whose gradient
+pushes the probed value back under the threshold and so also hides the caption from the gate.
+:mod:`.counters` logs how selective the firing and the gating are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from memreg import log_tags as tags
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
+from memreg.guards.anisotropy_gate.counters import SelectivityCounters, probe_logs
+from memreg.guards.anisotropy_gate.gate import CaptionGate, caption_keys
+from memreg.guards.anisotropy_gate.loss import bound_force, penalty
+from memreg.guards.anisotropy_gate.probes import (PROBE_FORWARDS, ProbeBatch, ProbeResult, ProbeSampler,
+                                                  auto_probe_checkpointing)
+from memreg.guards.anisotropy_gate.reference import Reference
+from memreg.guards.anisotropy_gate.threshold import AbsoluteThreshold, Calibration, Calibrator, Threshold
+from memreg.guards.base import ExtraInputs, Guard, GuardBatch, GuardContext, GuardLoss
+from memreg.score import make_scorer
+
+logger = logging.getLogger(__name__)
+
+def build_threshold(cfg: AnisotropyGateConfig, ctx: GuardContext, calibrator: Calibrator) -> Threshold:
+    """The configured verdict: the absolute tau for ``reference: none``, else the reference."""
+    if cfg.reference == "none":
+        return AbsoluteThreshold.from_config(cfg, calibrator, ctx.gather)
+    return Reference.from_config(cfg, ctx, calibrator)
+
+
+class AnisotropyGateGuard(Guard):
+    """The parts wired behind the guard protocol.
+
+    How the probes run (``probe_forward``): ``"fused"`` (concatenated onto the denoising batch: one
+    forward, one backward; the only way under DDP), ``"separate"`` (a second forward; single process,
+    ``guard.fused_forward: false``) or ``"measure"`` (weight 0: a no-grad forward of the unwrapped
+    UNet, so the probes decide but add no gradient and cost no backward).
+    """
+
+    name = "anisotropy_gate"
+    state_key = "penalty"   # the guard's name before the rename: checkpoints written then still resume
+    progress_keys = (tags.GUARD_PENALTY, tags.GUARD_COND_RATIO)
+
+    def __init__(self, ctx: GuardContext, probes: ProbeSampler, calibrator: Calibrator, threshold: Threshold,
+                 mode: str = "hinge", weight: float = 0.0, fused: bool = True,
+                 probe_checkpointing: Union[bool, str] = "auto", max_force: float | None = None,
+                 gate: CaptionGate | None = None):
+        super().__init__(ctx)
+        self.probes, self.calibrator, self.threshold = probes, calibrator, threshold
+        self.mode, self.weight, self.max_force = mode, float(weight), max_force
+        self.gate = gate                  # None: the denoising loss is the plain batch mean
+        self.counters = SelectivityCounters(ctx.gather, gate=gate is not None)
+        self.probe_forward = self._probe_forward(fused)
+        pc = probe_checkpointing
+        ckpt = (auto_probe_checkpointing(probes.probe_samples, ctx.batch_size, ctx.gradient_checkpointing)
+                if pc == "auto" else bool(pc) and not ctx.gradient_checkpointing)
+        self.probe_checkpointing = ckpt and self.probe_forward != "measure"
+        self._probe: ProbeBatch | None = None
+        self._outs: list[ProbeResult] = []
+        self.final_report: dict | None = None
+        self._steps_logged = 0
+
+    @classmethod
+    def from_config(cls, cfg: AnisotropyGateConfig, ctx: GuardContext) -> "AnisotropyGateGuard":
+        scorer = make_scorer(ctx.unet, ctx.noise_scheduler, preset=cfg.preset, t_hi=cfg.t_hi, t_lo=cfg.t_lo,
+                             prediction_type=ctx.prediction_type)
+        calibrator = Calibrator.from_config(cfg)
+        return cls(ctx, ProbeSampler.from_config(cfg, scorer, ctx.seed, ctx.process_index), calibrator,
+                   build_threshold(cfg, ctx, calibrator), mode=cfg.mode, weight=cfg.weight, fused=cfg.fused_forward,
+                   probe_checkpointing=cfg.probe_checkpointing, max_force=cfg.max_force,
+                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release) if cfg.gate else None)
+
+    def _probe_forward(self, fused: bool) -> str:
+        if self.weight == 0:
+            return "measure"
+        if fused:
+            return "fused"
+        if self.ctx.num_processes > 1:
+            logger.warning("guard.fused_forward=false cannot work under DDP (one forward per backward); "
+                           "falling back to the fused forward")
+            return "fused"
+        return "separate"
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.calibrator.calibration
+
+    def describe(self) -> str:
+        p = self.probes
+        return (f"penalty: {p.probe_samples} probe samples per active step {PROBE_FORWARDS[self.probe_forward]}; "
+                f"every {p.every_n_steps} steps from step {p.warmup_steps}; term {p.signal}{self.threshold.describe()}"
+                + ("; activation checkpointing on probe steps" if self.probe_checkpointing else ""))
+
+    def _score_calibration_draws(self) -> tuple[Tensor, Tensor]:
+        ctx = self.ctx
+        with torch.no_grad():
+            # chunks of batch_size captions (4x that many no-grad UNet samples): under the step's memory peak
+            return self.probes.score_sample(ctx.train_captions, ctx.encode, ctx.uncond(), ctx.latent_shape,
+                                            run_unet=ctx.run_unet, batch_size=ctx.batch_size)
+
+    def calibrate(self) -> None:
+        self.threshold.calibrate(self.ctx, self.probes)
+        if self.calibrator.calibration is not None:   # resumed
+            return
+        cal = self.calibrator.calibrate_from_values(*self._score_calibration_draws())
+        if self.ctx.num_processes > 1:
+            cal = Calibration.from_tensor(self.ctx.broadcast(cal.as_tensor()))
+            self.calibrator.set_calibration(cal)
+        if self.ctx.is_main:
+            logger.info("penalty calibration: tau=%.4f (q=%.2f of %d base-model scores; mu=%.4f sigma=%.4f), "
+                        "reference guidance norm under tau=%.4f", cal.tau, cal.quantile, cal.num_values, cal.mu,
+                        cal.sigma, cal.ref_norm)
+
+    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None) -> ExtraInputs | None:
+        caps = list(captions) if captions is not None and len(captions) == embeds.shape[0] else None
+        if caps is None and (self.threshold.fixed_noise is not None or self.gate is not None):
+            raise RuntimeError("guard.reference with a cache and guard.gate need the batch captions: pass them to "
+                               "guard.extra_inputs(step, embeds, captions)")
+        probe = self.probes.prepare(embeds, self.ctx.uncond(), self.ctx.latent_shape, step, caps,
+                                    self.threshold.fixed_noise)
+        if probe is not None:
+            self.threshold.attach(probe, self.ctx, self.probes)
+        self._probe = probe
+        if probe is None or self.probe_forward != "fused":
+            return None
+        return ExtraInputs(probe.sample, probe.timesteps, probe.embeds, checkpointing=self.probe_checkpointing)
+
+    def _probe_output(self, batch: GuardBatch, probe: ProbeBatch) -> Tensor:
+        if self.probe_forward == "fused":
+            return batch.extra_out
+        if self.probe_forward == "separate":
+            return batch.forward(probe.sample, probe.timesteps, probe.embeds, self.probe_checkpointing)
+        with torch.no_grad():
+            return self.ctx.run_unet(probe.sample, probe.timesteps, probe.embeds)
+
+    def loss(self, batch: GuardBatch) -> GuardLoss:
+        probe, self._probe = self._probe, None
+        result = probe_out = None
+        if probe is not None:
+            probe_out = self._probe_output(batch, probe)
+            result = self._evaluate(probe_out, probe)
+            if self.gate is not None:   # this step's verdicts act on this very batch
+                self.gate.update(result.keys.cpu(), self.ctx.gather(result.over.to(torch.uint8)).cpu())
+        loss = self._denoising_loss(batch)
+        res = GuardLoss(loss=loss, loss_mse=loss.detach())
+        if result is None:
+            return res
+        if self.max_force is not None:
+            result.weighted, result.force = bound_force(result.weighted, probe_out, loss, batch.model_pred,
+                                                        self.max_force)
+        self._outs.append(result)
+        res.loss = loss + result.weighted
+        return res
+
+    def _evaluate(self, probe_out: Tensor, probe: ProbeBatch) -> ProbeResult:
+        """The verdicts and the penalty on the probes' UNet output; ``keys``: every process's caption
+        keys, gathered for the gate and the population."""
+        values, norm = self.probes.values_from_output(probe_out, probe.latents)
+        wanted = self.gate is not None or self.threshold.wants_keys
+        keys = self.ctx.gather(probe.keys.to(probe_out.device)) if wanted and probe.keys is not None else None
+        verdict = self.threshold.compare(values, probe)
+        loss = penalty(self.mode, verdict)
+        self.threshold.update(verdict, keys)
+        result = ProbeResult(loss=loss, weighted=self.weight * loss, values=values.detach(), norm=norm.detach(),
+                             over=verdict.over, growth=verdict.growth, keys=keys)
+        if probe.captions is not None:
+            result.duplicated = self.ctx.is_duplicated(probe.captions).to(result.values.device)
+        return result
+
+    def _denoising_loss(self, batch: GuardBatch) -> Tensor:
+        """The batch mean, or with the gate the weighted mean that leaves flagged captions out."""
+        if self.gate is None:
+            return batch.per_sample.mean()
+        caps = batch.captions
+        if caps is None or len(caps) != batch.per_sample.shape[0]:
+            raise RuntimeError("guard.gate needs the batch captions: pass GuardBatch(..., captions=captions)")
+        w = self.gate.weights(caption_keys(caps))
+        self.counters.record_gated(w, self.ctx.is_duplicated(caps))
+        return self.gate.weighted_mean(batch.per_sample, w)
+
+    def step_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        cal, outs, self._outs = self.calibrator, self._outs, []
+        out = {tags.GUARD_TAU: float(cal.tau) if cal.tau is not None else math.nan}
+        out.update(self.counters.gate_logs(len(self.gate.flagged) if self.gate is not None else 0))
+        if not outs:   # every process probes on the same steps, so the collectives below match
+            return out
+        g = self.ctx.gather
+        vals, norms, over = (g(torch.cat([getattr(o, f) for o in outs]).float()) for f in ("values", "norm", "over"))
+        over = over.cpu()
+        out.update(probe_logs(outs, vals, over, g))
+        out.update(self.threshold.logs(outs))
+        known = all(o.duplicated is not None for o in outs)   # the probed captions were given
+        dup = g(torch.cat([o.duplicated for o in outs]).float()).cpu() if known else None
+        out.update(self.counters.fire_logs(over, dup))
+        if self.max_force is not None:
+            out[tags.GUARD_FORCE_RATIO] = float(g(torch.tensor([max(o.force for o in outs)], device=vals.device)).max())
+        ratio = cal.cond_ratio(vals.cpu(), norms.cpu(), under=self.threshold.under(over))
+        if not math.isnan(ratio):
+            out[tags.GUARD_COND_RATIO] = ratio
+        out[tags.TRAIN_LOSS] = logs[tags.TRAIN_LOSS_MSE] + out[tags.GUARD_WEIGHTED_PENALTY]
+        self._steps_logged += 1
+        if self.ctx.is_main and (self._steps_logged <= 1 or self._steps_logged % 50 == 0):
+            thr = out.get(tags.GUARD_THRESHOLD, out[tags.GUARD_TAU])
+            logger.info("probe step %d: threshold=%.4f probes over it %.0f%%, probe score mean %.4f, ordinary "
+                        "conditioning ratio %.3f", self._steps_logged, thr, 100 * out[tags.GUARD_FRAC_OVER_TAU],
+                        out[tags.GUARD_PROBE_SCORE_MEAN], ratio)
+        return out
+
+    def finish(self) -> dict[str, float]:
+        """Re-score the calibration draws (same captions and noise) with the trained model."""
+        r = self.final_report = self.calibrator.conditioning_report(*self._score_calibration_draws())
+        r.update(self.counters.totals())
+        if self.ctx.is_main:
+            logger.info("ordinary conditioning at the end: guidance norm of calibration draws that were under tau "
+                        "at the start = %.4f (start %.4f, ratio %.3f); %.0f%% of draws now over tau=%.4f",
+                        r["final_norm_under"], r["ref_norm"], r["final_cond_ratio"], 100 * r["final_frac_over"],
+                        r["tau"])
+        return r
+
+    def state_dict(self) -> dict:
+        gate = None if self.gate is None else dict(self.gate.state_dict(), counts=self.counters.gate_counts.clone())
+        return {**self.probes.state_dict(), **self.calibrator.state_dict(),
+                "fire_counts": self.counters.fire_counts.clone(), "reference": self.threshold.state_dict(),
+                "gate": gate}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probes.load_state_dict(state)
+        self.calibrator.load_state_dict(state)
+        self.counters.load_fire_counts(state.get("fire_counts"))
+        if state.get("reference") is not None:
+            self.threshold.load_state_dict(state["reference"])
+        if self.gate is not None and state.get("gate") is not None:
+            self.gate.load_state_dict(state["gate"])
+            self.counters.load_gate_counts(state["gate"]["counts"])
