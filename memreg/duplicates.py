@@ -12,6 +12,7 @@ are found by ``memreg audit`` (perceptual hashes, :mod:`memreg.audit.near_dup`),
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from memreg.image_io import ImageDecodeError, load_rgb
+from memreg.keys import text_key
 
 ImageLoadError = ImageDecodeError   # the name this module's callers catch; decoding is memreg.image_io's
 
@@ -66,6 +68,11 @@ class DuplicateIndex:
         """Indices of the records whose image occurs exactly once."""
         return [i for i, h in enumerate(self.hashes) if self.counts[h] == 1]
 
+    def item_keys(self) -> list[int]:
+        """Per record, the 63-bit key of its item: its image, or the audit cluster it belongs to (what
+        the guard's gate flags with ``guard.gate_key: image``)."""
+        return [text_key(h, seed=1) for h in self.hashes]
+
     def first_of_each(self) -> list[int]:
         """One record index per distinct image (its first occurrence)."""
         seen: set[str] = set()
@@ -83,8 +90,6 @@ CLUSTER_ID, CLUSTER_MEMBERS, MEMBER_HASH = "cluster", "members", "sha256"
 
 def read_cluster_keys(path: str | Path) -> dict[str, str]:
     """content hash -> ``"cluster:<id>"`` for every member of an audit's ``clusters.jsonl``."""
-    import json
-
     keys: dict[str, str] = {}
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

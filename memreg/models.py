@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from memreg.errors import MemregError, one_line
 
@@ -78,9 +80,6 @@ def load_components(
     with_vae: bool = True,
 ) -> SDComponents:
     """Load tokenizer, text encoder, UNet, (VAE) and the DDPM training scheduler of ``model``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     need = REQUIRED_SUBFOLDERS if with_vae else tuple(s for s in REQUIRED_SUBFOLDERS if s != "vae")
     check_model_path(model, need)
     dtype = parse_dtype(dtype)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
 from memreg.keys import text_key
@@ -49,8 +50,6 @@ class ScoreOutput:
 
 def ddim_timesteps(scheduler_config, num_inference_steps: int = 50) -> list[int]:
     """The timesteps of a DDIM sampling run for this scheduler config, noisiest first."""
-    from diffusers import DDIMScheduler
-
     ddim = DDIMScheduler.from_config(scheduler_config)
     ddim.set_timesteps(num_inference_steps)
     return [int(t) for t in ddim.timesteps]
@@ -364,8 +363,6 @@ def wen_multistep_norm(unet, scheduler, latents: Tensor, cond_embeds: Tensor, un
     A CFG DDIM run from ``latents`` (pure noise); ``steps=1`` is their single-step detector, the
     norm term at t_hi alone. Returns float32 (B,).
     """
-    from diffusers import DDIMScheduler
-
     prediction_type = prediction_type or scheduler.config.prediction_type
     ddim = DDIMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
     ddim.set_timesteps(num_inference_steps, device=latents.device)

@@ -8,11 +8,17 @@ CLIPTokenizer, SD's DDPM scheduler config), so memreg loads it through the same 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Words the tiny tokenizer learns merges from: generic caption vocabulary plus the demo's
 # colour/shape/position words. Anything else still tokenizes, byte by byte.
@@ -72,8 +78,6 @@ def write_tiny_clip_tokenizer(out_dir: str | Path, num_merges: int = 400):
     Loaded with ``CLIPTokenizer.from_pretrained(dir)``: in transformers 5.x constructing it from
     ``vocab_file=`` silently mis-tokenizes.
     """
-    from transformers import CLIPTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
@@ -113,9 +117,6 @@ def build_tiny_sd(
     lowest-resolution levels have cross-attention. ``prediction_type="v_prediction"`` mimics SD2.x (linear projections
     in the transformer blocks).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
     out_dir = Path(out_dir)
@@ -185,11 +186,6 @@ def accelerate_launch(num_processes: int, argv: list[str], port: int, cwd, timeo
     """Run ``accelerate launch [--multi_gpu] --num_processes N ARGV`` on CPU (gloo; one torch thread
     per process, offline) in its own process group, so a timeout ends the workers too; returns the
     combined log and raises ``RuntimeError`` with its tail on a timeout or a non-zero exit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     accelerate = Path(sys.executable).with_name("accelerate")
     multi = ["--multi_gpu"] if num_processes > 1 else []
     cmd = [str(accelerate), "launch", *multi, "--num_processes", str(num_processes), "--num_machines", "1",

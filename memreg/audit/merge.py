@@ -15,6 +15,7 @@ reads texts again, streamed, only for the clusters and caption groups it writes 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,6 @@ def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path)
 
 
 def _json(v) -> str:
-    import json
     return json.dumps(v, ensure_ascii=False)
 
 

@@ -139,6 +139,8 @@ class GuardBatch:
     extra_out: Tensor | None = None # the UNet output on the guard's ExtraInputs
     forward: Callable | None = None # forward(sample, t, embeds, checkpointing) through the trained (wrapped) UNet
     captions: Sequence[str] | None = None  # the batch's captions (as guard.captions returned them)
+    items: Tensor | None = None     # (B,) int64 item keys: the training image (its duplicate cluster) of each row
+    sources: Sequence[str] | None = None  # each row's dataset wording before caption augmentation (None: = captions)
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Guard:
     name = "none"
     # step-log tags (memreg.log_tags) the training loop's progress bar shows beside the loss, when logged
     progress_keys: tuple[str, ...] = ()
+    uses_items = False   # whether the trainer should pass each row's item key (extra_inputs/GuardBatch ``items``)
 
     @property
     def state_key(self) -> str:
@@ -200,8 +203,10 @@ class Guard:
     def embeds(self, embeds: Tensor) -> Tensor:
         return embeds
 
-    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None) -> ExtraInputs | None:
-        """UNet inputs to fuse into this micro-step's forward (``captions``: the batch's, None if unknown)."""
+    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None,
+                     items: Tensor | None = None, sources: Sequence[str] | None = None) -> ExtraInputs | None:
+        """UNet inputs to fuse into this micro-step's forward (``captions``: the batch's, None if unknown;
+        ``items``, ``sources``: see :class:`GuardBatch`)."""
         return None
 
     def loss(self, batch: GuardBatch) -> GuardLoss:

@@ -29,13 +29,25 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import random
 import re
 import shutil
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as accelerate_load
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
+from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import CLIPTextModel
+from safetensors.torch import load_file, save_file
 
 from memreg.errors import DiskFullError, MemregError, is_disk_full, one_line
 
@@ -299,8 +311,6 @@ def _shared_pid(accelerator) -> int:
     """The main process's PID on every process (names the temporary save dir)."""
     pid = [os.getpid()]
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(pid, from_process=0)
     return int(pid[0])
 
@@ -400,13 +410,8 @@ def load_tensors_only(path: Path, map_location="cpu"):
     """``torch.load`` with ``weights_only=True`` (and accelerate's numpy allowances for RNG states) that
     names the file: a pickle holding Python objects is refused, never loaded. torch's zip format is
     memory-mapped, so checking a multi-GB optimizer state reads only its pickled structure."""
-    import pickle
-    import zipfile
-
-    from accelerate.utils import load
-
     try:
-        return load(str(path), map_location=map_location, mmap=zipfile.is_zipfile(path))
+        return accelerate_load(str(path), map_location=map_location, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
         raise CheckpointError(f"refusing to load {path}: it contains Python objects; memreg loads tensors only") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -416,10 +421,6 @@ def load_tensors_only(path: Path, map_location="cpu"):
 def _check_rng_state(path: Path) -> None:
     """The RNG file loads and every state in it can be set (what accelerate does, which logs a failure at
     INFO and goes on)."""
-    import random
-
-    import numpy as np
-
     states = load_tensors_only(path)
     try:
         random.Random().setstate(states["random_state"])
@@ -474,8 +475,6 @@ def _join_state(obj: Any, tensors: dict):
 
 def save_guard_state(objects: dict[str, Any], directory: str | Path, rank: int) -> None:
     """Write ``{name: obj.state_dict()}`` as safetensors + json for this process."""
-    from safetensors.torch import save_file
-
     if not objects:
         return
     tensors: dict[str, torch.Tensor] = {}
@@ -487,7 +486,6 @@ def save_guard_state(objects: dict[str, Any], directory: str | Path, rank: int) 
 
 
 def load_guard_state(objects: dict[str, Any], directory: str | Path, rank: int) -> None:
-    from safetensors.torch import load_file
 
     if not objects:
         return
@@ -513,8 +511,6 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
     renames only attention projections, so a LoRA that also targets convolutions or feed-forward layers
     came out in a mix of both formats, and ``load_lora_weights`` then silently dropped the attention
     weights. ``load_lora_weights`` reads peft keys as they are."""
-    from peft.utils import get_peft_model_state_dict
-
     def grab(model):
         sd = get_peft_model_state_dict(model)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
@@ -524,9 +520,6 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
 
 def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """A1111/ComfyUI (kohya) keys: ``lora_unet_*.lora_down/lora_up.weight`` + ``*.alpha``."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-
     peft_sd = {f"unet.{k}": v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(unet).items()}
     if text_encoder is not None:
         peft_sd.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float32)
@@ -543,9 +536,6 @@ def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None) -
 
 def save_lora(output_dir: str | Path, unet, text_encoder=None, kohya: bool = True) -> dict[str, Path]:
     """Write the diffusers LoRA file (+ kohya copy); returns the paths written."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
@@ -568,11 +558,6 @@ def save_lora(output_dir: str | Path, unet, text_encoder=None, kohya: bool = Tru
 
 def load_lora_into(input_dir: str | Path, unet, text_encoder=None) -> None:
     """Load a checkpoint's diffusers LoRA file back into peft-adapted models (exact copy)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import _set_state_dict_into_text_encoder
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
     lora_sd, _ = StableDiffusionPipeline.lora_state_dict(str(input_dir))
     unet_sd = {k[len("unet."):]: v for k, v in lora_sd.items() if k.startswith("unet.")}
     unet_sd = convert_unet_state_dict_to_peft(unet_sd)
@@ -624,16 +609,11 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
         if mode == "lora":
             load_lora_into(input_dir, unet, text_encoder)
         else:
-            from diffusers import UNet2DConditionModel
-            from diffusers.training_utils import EMAModel
-
             loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
             unet.register_to_config(**loaded.config)
             unet.load_state_dict(loaded.state_dict())
             del loaded
             if text_encoder is not None:
-                from transformers import CLIPTextModel
-
                 text_encoder.load_state_dict(CLIPTextModel.from_pretrained(input_dir, subfolder="text_encoder").state_dict())
             if ema is not None:
                 loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
@@ -651,8 +631,6 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
 def save_full_pipeline(output_dir: str | Path, model: str, unet, text_encoder, vae, tokenizer,
                        revision: str | None = None, variant: str | None = None) -> Path:
     """A diffusers StableDiffusionPipeline dir (safetensors) with the trained UNet."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(
         model, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False, revision=revision, variant=variant)

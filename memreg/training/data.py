@@ -234,8 +234,11 @@ class TrainDataset(torch.utils.data.Dataset):
     :class:`EpochSampler` yields). ``augment`` (:mod:`memreg.training.captions`) turns the chosen
     caption into the step's, from the caption sub-stream of the sample's key.
 
-    Items: ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str, "index": int}``, or with a
-    latent cache ``{"latent_mean", "latent_std", "caption", "index"}``.
+    Items: ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str, "source_caption": str, "index": int}``,
+    or with a latent cache ``{"latent_mean", "latent_std", "caption", "source_caption", "index"}``;
+    ``source_caption`` is the dataset's wording the step's caption was made from (the chosen entry of a
+    caption list, before augmentation and empty-prompt replacement): the guard probes that one, whose
+    base-model value it has.
     """
 
     def __init__(self, data: TrainData, resolution: int, center_crop: bool, random_flip: bool, seed: int,
@@ -261,7 +264,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch, repeat = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (key, 0, 0)
         rng = _sample_rng(self.seed, epoch, index, repeat)
-        caption = self._caption(self.data.captions[index], rng)
+        caption = source = self._caption(self.data.captions[index], rng)
         if self.augment is not None and self.augment.changes_captions:
             sub = caption_aug.caption_rng(_sample_key(self.seed, epoch, index, repeat))
             caption = caption_aug.augment_caption(caption, self.augment, sub)
@@ -273,14 +276,14 @@ class TrainDataset(torch.utils.data.Dataset):
             which = 1 if flip else 0
             return {"latent_mean": self.latent_cache["mean"][slot, which],
                     "latent_std": self.latent_cache["std"][slot, which],
-                    "caption": caption, "index": index}
+                    "caption": caption, "source_caption": source, "index": index}
         ref = self.data.refs[index]
         try:
             img = load_rgb(ref)
         except ImageDecodeError as e:
             raise CorruptImageError(f"image {_describe(ref, index)} could not be decoded: {e}") from None
         pixels = image_ops.preprocess(img, self.resolution, self.center_crop, flip, rng)
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        return {"pixel_values": pixels, "caption": caption, "source_caption": source, "index": index}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -315,6 +318,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def collate(examples: list[dict]) -> dict:
     batch: dict[str, Any] = {"caption": [e["caption"] for e in examples],
+                             "source_caption": [e["source_caption"] for e in examples],
                              "index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
     if "pixel_values" in examples[0]:
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous().float()

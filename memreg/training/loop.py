@@ -161,6 +161,7 @@ class _Run:
 
     _records: list | None = field(default=None, init=False, repr=False)
     _dup_index: Any = field(default=None, init=False, repr=False)
+    _item_keys: Any = field(default=None, init=False, repr=False)
 
     def train_records(self) -> list[dict]:
         """The training records (image, caption, id), built once for the guard and the monitor."""
@@ -174,6 +175,16 @@ class _Run:
         if self._dup_index is None:
             self._dup_index = find_duplicates(self.train_records(), clusters_from=self.cfg.eval.duplicates_from)
         return self._dup_index
+
+    def item_keys(self) -> torch.Tensor:
+        """(dataset rows,) int64: each training row's item key (``DuplicateIndex.item_keys``: its image or
+        its audit cluster), indexed like the batches' ``index``; held-out rows 0 (never trained on)."""
+        if self._item_keys is None:
+            keys = torch.zeros(len(self.data.refs), dtype=torch.int64)
+            ids = [r["id"] for r in self.train_records()]
+            keys[ids] = torch.tensor(self.dup_index().item_keys(), dtype=torch.int64)
+            self._item_keys = keys
+        return self._item_keys
 
     @property
     def total_batch(self) -> int:
@@ -566,13 +577,16 @@ def _micro_step(run: _Run, batch) -> _MicroOut:
         target = noise
     else:
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
-    extra = guard.extra_inputs(step, embeds, captions)
+    items = run.item_keys()[batch["index"].cpu()] if guard.uses_items else None
+    sources = list(batch["source_caption"])
+    extra = guard.extra_inputs(step, embeds, captions, items, sources)
     out = run.forward(*concat_inputs((noisy, timesteps, embeds), extra),
                       checkpointing=extra is not None and extra.checkpointing)
     model_pred, extra_out = split_output(out, latents.shape[0])
     per_sample = _per_sample_loss(run, model_pred, target, timesteps)
     res = guard.loss(GuardBatch(step=step, noisy=noisy, timesteps=timesteps, embeds=embeds, model_pred=model_pred,
-                                per_sample=per_sample, extra_out=extra_out, forward=run.forward, captions=captions))
+                                per_sample=per_sample, extra_out=extra_out, forward=run.forward, captions=captions, items=items,
+                                sources=sources))
     zero = (model_pred.float() * 0).sum() if res.loss is None else None
     return _MicroOut(loss=res.loss, zero=zero, loss_mse=res.loss_mse)
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, cast_training_params
+from peft import LoraConfig, inject_adapter_in_model
 
 from memreg.models import SDComponents, check_model_path, load_components
 from memreg.training.config import ConfigError
@@ -16,8 +19,6 @@ logger = logging.getLogger(__name__)
 
 def check_prediction_type(cfg) -> str:
     """The model's prediction type; a contradicting ``prediction_type`` fails before any weights load."""
-    from diffusers import DDPMScheduler
-
     check_model_path(cfg.pretrained_model_name_or_path)
     sched_cfg = DDPMScheduler.load_config(cfg.pretrained_model_name_or_path, subfolder="scheduler",
                                           revision=cfg.revision)
@@ -55,8 +56,6 @@ def add_lora_adapter(model, config) -> None:
     except ValueError as e:
         if "PEFT" not in str(e):
             raise
-        from peft import inject_adapter_in_model
-
         logger.warning("%s; injecting the LoRA adapter with peft directly", e)
         inject_adapter_in_model(config, model, adapter_name="default")
         model.peft_config = {"default": config}
@@ -72,17 +71,12 @@ def move_model(model, device, dtype) -> None:
 
 
 def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
-    from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import EMAModel, cast_training_params
-
     comps = load_components(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                             dtype=torch.float32, device="cpu", with_vae=True)
     unet, te, vae = comps.unet, comps.text_encoder, comps.vae
     wdtype = weight_dtype_for(mixed_precision)
     ema = None
     if cfg.mode == "lora":
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
         move_model(unet, device, wdtype)
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",

@@ -183,3 +183,112 @@ def test_trainer_at_the_defaults_logs_the_gate_and_resumes_exactly(tiny_sd_eps, 
     assert torch.equal(r.threshold.cache.values, g.threshold.cache.values)
     a, b = h.lora_weights(tmp_path / "straight"), h.lora_weights(tmp_path / "killed")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+# ---------------------------------------------------------------------------- what a flag names (guard.gate_key)
+
+def _step_items(guard, enc, unet, captions, items, per_sample, step):
+    embeds = enc(list(captions))
+    extra = guard.extra_inputs(step, embeds, list(captions), items)
+    with torch.no_grad():
+        out = None if extra is None else unet(extra.sample, extra.timesteps, encoder_hidden_states=extra.embeds).sample
+    return guard.loss(GuardBatch(step, None, None, embeds, None, per_sample, extra_out=out, captions=list(captions),
+                                 items=items))
+
+
+@pytest.mark.parametrize("gate_key", ["image", "caption"])
+def test_a_flag_takes_out_every_row_of_its_image_whatever_the_caption(eps_components, gate_key):
+    """Step 0 probes one row and fires (tau -inf); step 1 has no probe (every 2nd step). Its batch holds
+    the probed image under a new wording, and the probed wording on a new image: with gate_key image
+    only the first leaves the loss, with gate_key caption only the second."""
+    c = eps_components
+    guard, enc = _guard(c, tau=-1e9, every_n_steps=2, gate_key=gate_key)
+    guard.calibrate()
+    items = torch.tensor([10, 20, 30, 40])
+    _step_items(guard, enc, c.unet, CAPTIONS, items, torch.ones(4), step=0)
+    (key,) = guard._outs[-1].keys.tolist()
+    assert guard.gate.flagged == {key}
+    row_keys = items.tolist() if gate_key == "image" else caption_keys(CAPTIONS).tolist()
+    row = row_keys.index(key)                              # the probed row (a row with its caption)
+    probed_caption, probed_item = CAPTIONS[row], int(items[row])
+    caps = ["a never seen wording", probed_caption + " ", probed_caption, "another new wording"]
+    new_items = torch.tensor([probed_item, 50, 60, 70])   # row 0: the probed image; row 2: its caption, a new image
+    res = _step_items(guard, enc, c.unet, caps, new_items, torch.tensor([1.0, 2.0, 3.0, 4.0]), step=1)
+    expected = (2 + 3 + 4) / 3 if gate_key == "image" else (1 + 2 + 4) / 3
+    assert float(res.loss_mse) == pytest.approx(expected)
+
+
+def test_without_item_keys_the_image_gate_keys_on_captions(eps_components, caplog):
+    c = eps_components
+    guard, enc = _guard(c, tau=-1e9, every_n_steps=2)
+    guard.calibrate()
+    _step_items(guard, enc, c.unet, CAPTIONS, None, torch.ones(4), step=0)
+    assert guard.gate.flagged <= set(caption_keys(CAPTIONS).tolist()) and len(guard.gate.flagged) == 1
+    assert "no item keys" in caplog.text
+
+
+def test_a_checkpoint_flagging_other_things_is_refused_by_name():
+    from memreg.guards.anisotropy_gate.gate import GateKeyError
+
+    old = {"flagged": torch.tensor([5], dtype=torch.int64)}          # written before the image key: captions
+    with pytest.raises(GateKeyError, match="guard.gate_key: caption"):
+        CaptionGate(key="image").load_state_dict(old)
+    gate = CaptionGate(key="caption")
+    gate.load_state_dict(old)
+    assert gate.flagged == {5}
+    with pytest.raises(GateKeyError, match="guard.gate_key: image"):
+        CaptionGate(key="caption").load_state_dict(CaptionGate(key="image").state_dict())
+
+
+def test_trainer_flags_images_by_their_content_hash(tiny_sd_eps, tiny_data, tmp_path):
+    from memreg.duplicates import find_duplicates
+    from memreg.training.config import load_config
+    from memreg.training.data import build_train_data
+
+    h = _training_helpers()
+    res = h.run(tiny_sd_eps, tiny_data, tmp_path / "run", steps=2, **GATE_ON)
+    flagged = res.guard.gate.flagged
+    cfg = load_config(h.base_argv(tiny_sd_eps, tiny_data, tmp_path / "x"))
+    records = build_train_data(cfg, seed=0).records("train")
+    assert flagged and flagged <= set(find_duplicates(records).item_keys())
+    captions = [x for r in records for x in (r["caption"] if isinstance(r["caption"], list) else [r["caption"]])]
+    assert not flagged & set(caption_keys(captions).tolist())
+
+
+def test_an_augmented_row_is_probed_with_its_dataset_wording(eps_components):
+    """The base cache holds the dataset's wordings only; a shuffled caption is probed as its source
+    wording (encoded afresh), so its base value is known and the probe can fire."""
+    c = eps_components
+    guard, enc = _guard(c, reference="base", reference_source="cache", probes_per_step=4, reference_margin=-1e9)
+    guard.calibrate()
+    shuffled = [", ".join(reversed(x.split(" "))) for x in CAPTIONS]   # strings the cache never saw
+    embeds = enc(shuffled)
+    guard.extra_inputs(0, embeds, shuffled, torch.tensor([1, 2, 3, 4]), list(CAPTIONS))
+    probe = guard._probe
+    assert sorted(probe.captions) == sorted(CAPTIONS) and bool(probe.known.all())
+    unchanged, _ = _guard(c, reference="base", reference_source="cache", probes_per_step=4, reference_margin=-1e9)
+    unchanged.calibrate()
+    unchanged.extra_inputs(0, embeds, shuffled, torch.tensor([1, 2, 3, 4]), None)   # no sources: as before
+    assert sorted(unchanged._probe.captions) == sorted(shuffled) and not bool(unchanged._probe.known.any())
+
+
+def test_gate_rates_count_an_augmented_row_by_its_dataset_wording(eps_components):
+    """The gated share per group follows the rows' dataset wordings: a blanked duplicated row is still
+    a duplicated one (rows 0 and 3 carry the duplicated caption)."""
+    c = eps_components
+    guard, enc = _guard(c, tau=-1e9, every_n_steps=2)
+    guard.calibrate()
+    items = torch.tensor([10, 20, 30, 40])
+    _step_items(guard, enc, c.unet, CAPTIONS, items, torch.ones(4), step=0)
+    (key,) = guard._outs[-1].keys.tolist()
+    row = items.tolist().index(key)
+    guard.step_logs({"train/loss_mse": 1.0})
+    blank = ["", "", "", ""]
+    embeds = enc(blank)
+    guard.extra_inputs(1, embeds, blank, items, list(CAPTIONS))
+    guard.loss(GuardBatch(1, None, None, embeds, None, torch.ones(4), captions=blank, items=items,
+                          sources=list(CAPTIONS)))
+    logs = guard.step_logs({"train/loss_mse": 1.0})
+    dup = CAPTIONS[row] == "a red circle"
+    assert logs[tags.guard_gate_rate("duplicated")] == pytest.approx(0.5 if dup else 0.0)
+    assert logs[tags.guard_gate_rate("ordinary")] == pytest.approx(0.0 if dup else 0.5)

@@ -286,6 +286,21 @@ def test_shuffled_captions_are_fixed_by_seed_epoch_index(tmp_path):
     assert {blank[k]["caption"] for k in keys} == {""}
 
 
+def test_each_item_names_the_dataset_wording_its_caption_was_made_from(tmp_path):
+    root = _tag_folder(tmp_path / "d")
+    data = D.build_train_data(_cfg(root), seed=4)
+    aug = C.CaptionConfig(shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.5)
+    ds = D.TrainDataset(data, 32, True, True, seed=4, augment=aug, proportion_empty_prompts=0.3)
+    items = [ds[(i, e)] for e in range(4) for i in range(8)]
+    for item in items:
+        entry = data.captions[item["index"]]
+        assert item["source_caption"] in (entry if isinstance(entry, list) else [entry])
+    assert any(x["caption"] != x["source_caption"] for x in items)          # augmented or blanked
+    assert any(x["caption"] == "" and x["source_caption"] for x in items)   # a blank row keeps its wording
+    batch = D.collate(items[:3])
+    assert batch["source_caption"] == [x["source_caption"] for x in items[:3]]
+
+
 # --------------------------------------------------------------------------- the trainer
 
 def _recording(monkeypatch):

@@ -16,6 +16,7 @@ GRAD_THROUGH = ("cond", "both")
 REFERENCES = ("none", "base", "population", "base+population")
 SOURCES = ("auto", "cache", "forward")
 PRESETS = ("sd1", "sd2")
+GATE_KEYS = ("image", "caption")   # what a flag names: a training image (its duplicate cluster), or a caption
 
 
 def uses_base(reference: str) -> bool:
@@ -88,6 +89,8 @@ class AnisotropyGateConfig:
     gate: bool = True
     gate_weight: float = 0.0              # a flagged caption's sample weight in the denoising loss
     gate_release: bool = False            # true: a probe back under the threshold unflags the caption
+    gate_key: str = "image"               # image: a flag takes every row of the probed image (its duplicate
+                                          # cluster) out, whatever its caption; caption: rows with that caption
 
     def __post_init__(self):
         self.validate()
@@ -116,6 +119,7 @@ class AnisotropyGateConfig:
             raise ConfigError(f"guard.weight={self.weight} must be >= 0")
         choice(self.grad_through, GRAD_THROUGH, "guard.grad_through")
         check_gate_weight(self.gate_weight)
+        choice(self.gate_key, GATE_KEYS, "guard.gate_key")
         if self.max_force is not None and not self.max_force > 0:
             raise ConfigError(f"guard.max_force={self.max_force} must be > 0 (or null: no cap)")
         if self.calibration_prompts < 1 or self.calibration_seeds < 1:

@@ -10,8 +10,12 @@ comes back under the threshold (``gate_release: true``) or for the rest of the r
 Memorization needs repetition, so the captions at risk are exactly the ones that come back to be
 probed; an ordinary caption flagged by chance loses one sample per epoch.
 
-Captions are keyed by a 63-bit hash (:func:`memreg.score.prompt_seed`), so the flags gather across
-processes as int64 tensors and fit in a checkpoint (8 bytes per flagged caption).
+What a flag names (``guard.gate_key``): ``image`` (default) the training image of the probed row, as
+its item key (the exact-pixel hash, or the audit cluster with ``eval.duplicates_from``), so every row
+of that image leaves the loss whatever caption it is drawn with (other wordings, a caption list,
+shuffled or dropped tags, ``""``); ``caption`` the exact caption string. Keys are 63-bit
+(:func:`memreg.keys.text_key`), so the flags gather across processes as int64 tensors and fit in a
+checkpoint (8 bytes per flag).
 """
 
 from __future__ import annotations
@@ -21,23 +25,29 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from memreg.errors import MemregError
 from memreg.guards.anisotropy_gate.config import check_gate_weight
-from memreg.score import prompt_seed
+from memreg.keys import text_key
+
+
+class GateKeyError(MemregError, ValueError):
+    """A checkpoint's gate flags name other things (captions, images) than this run's gate."""
 
 
 def caption_keys(captions: Sequence[str]) -> Tensor:
     """(n,) int64 keys of the captions (the same on every process and run)."""
-    return torch.tensor([prompt_seed(0, c) for c in captions], dtype=torch.int64)
+    return torch.tensor([text_key(c) for c in captions], dtype=torch.int64)
 
 
 class CaptionGate:
     """The flagged captions and the per-sample weights they give. ``weight``: a flagged sample's
     weight in the denoising loss; ``release``: a probe under the threshold unflags its caption."""
 
-    def __init__(self, weight: float = 0.0, release: bool = False):
+    def __init__(self, weight: float = 0.0, release: bool = False, key: str = "image"):
         check_gate_weight(weight)
         self.weight = float(weight)
         self.release = bool(release)
+        self.key = key
         self.flagged: set[int] = set()
 
     def update(self, keys: Tensor, over: Tensor) -> None:
@@ -66,7 +76,11 @@ class CaptionGate:
         return (per_sample * w).sum() / total
 
     def state_dict(self) -> dict:
-        return {"flagged": torch.tensor(sorted(self.flagged), dtype=torch.int64)}
+        return {"flagged": torch.tensor(sorted(self.flagged), dtype=torch.int64), "key": self.key}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("key", "caption")   # checkpoints written before the image key flagged captions
+        if saved != self.key:
+            raise GateKeyError(f"the checkpoint's gate flags {saved}s, this run's gate flags {self.key}s; resume "
+                               f"with guard.gate_key: {saved}")
         self.flagged = set(state["flagged"].tolist())

@@ -71,6 +71,7 @@ class AnisotropyGateGuard(Guard):
         self._outs: list[ProbeResult] = []
         self.final_report: dict | None = None
         self._steps_logged = 0
+        self._warned_no_items = False
 
     @classmethod
     def from_config(cls, cfg: AnisotropyGateConfig, ctx: GuardContext) -> "AnisotropyGateGuard":
@@ -80,7 +81,7 @@ class AnisotropyGateGuard(Guard):
         return cls(ctx, ProbeSampler.from_config(cfg, scorer, ctx.seed, ctx.process_index), calibrator,
                    build_threshold(cfg, ctx, calibrator), mode=cfg.mode, weight=cfg.weight, fused=cfg.fused_forward,
                    probe_checkpointing=cfg.probe_checkpointing, max_force=cfg.max_force,
-                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release) if cfg.gate else None)
+                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release, cfg.gate_key) if cfg.gate else None)
 
     def _probe_forward(self, fused: bool) -> str:
         if self.weight == 0:
@@ -123,13 +124,33 @@ class AnisotropyGateGuard(Guard):
                         "reference guidance norm under tau=%.4f", cal.tau, cal.quantile, cal.num_values, cal.mu,
                         cal.sigma, cal.ref_norm)
 
-    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None) -> ExtraInputs | None:
+    @property
+    def uses_items(self) -> bool:
+        return self.gate is not None and self.gate.key == "image"
+
+    def _row_keys(self, captions: Sequence[str] | None, items: Tensor | None,
+                  sources: Sequence[str] | None = None) -> Tensor | None:
+        """Each row's key for the gate and the population: its item key with ``gate_key: image``,
+        else the key of its dataset wording (``sources``, else its caption); None when unknown."""
+        if self.gate is not None and self.gate.key == "image":
+            if items is not None:
+                return torch.as_tensor(items, dtype=torch.int64).cpu()
+            if not self._warned_no_items:
+                logger.warning("guard.gate_key: image, but the training loop passes no item keys (extra_inputs(..., "
+                               "items=...)): the gate keys on the exact captions instead")
+                self._warned_no_items = True
+        wording = sources if sources is not None else captions
+        return None if wording is None else caption_keys(wording)
+
+    def extra_inputs(self, step: int, embeds: Tensor, captions: Sequence[str] | None,
+                     items: Tensor | None = None, sources: Sequence[str] | None = None) -> ExtraInputs | None:
         caps = list(captions) if captions is not None and len(captions) == embeds.shape[0] else None
         if caps is None and (self.threshold.fixed_noise is not None or self.gate is not None):
             raise RuntimeError("guard.reference with a cache and guard.gate need the batch captions: pass them to "
                                "guard.extra_inputs(step, embeds, captions)")
         probe = self.probes.prepare(embeds, self.ctx.uncond(), self.ctx.latent_shape, step, caps,
-                                    self.threshold.fixed_noise)
+                                    self.threshold.fixed_noise, row_keys=self._row_keys(caps, items, sources),
+                                    sources=sources, encode=self.ctx.encode)
         if probe is not None:
             self.threshold.attach(probe, self.ctx, self.probes)
         self._probe = probe
@@ -180,14 +201,15 @@ class AnisotropyGateGuard(Guard):
         return result
 
     def _denoising_loss(self, batch: GuardBatch) -> Tensor:
-        """The batch mean, or with the gate the weighted mean that leaves flagged captions out."""
+        """The batch mean, or with the gate the weighted mean that leaves flagged rows out."""
         if self.gate is None:
             return batch.per_sample.mean()
         caps = batch.captions
         if caps is None or len(caps) != batch.per_sample.shape[0]:
             raise RuntimeError("guard.gate needs the batch captions: pass GuardBatch(..., captions=captions)")
-        w = self.gate.weights(caption_keys(caps))
-        self.counters.record_gated(w, self.ctx.is_duplicated(caps))
+        w = self.gate.weights(self._row_keys(caps, batch.items, batch.sources))
+        # duplicated rows by their dataset wording: an augmented or blanked caption is still its image's row
+        self.counters.record_gated(w, self.ctx.is_duplicated(batch.sources if batch.sources is not None else caps))
         return self.gate.weighted_mean(batch.per_sample, w)
 
     def step_logs(self, logs: dict[str, float]) -> dict[str, float]:

@@ -65,7 +65,7 @@ class ProbeBatch:
     embeds: Tensor
     index: Tensor        # rows of the batch whose captions were probed
     captions: list[str] | None = None   # the probed captions (when the batch's were given)
-    keys: Tensor | None = None          # (k,) int64 caption keys (gate.caption_keys)
+    keys: Tensor | None = None          # (k,) int64 keys of the probed rows (the gate's: image or caption keys)
     draw: Tensor | None = None          # fixed noise: which of each caption's draws the probe uses
     base: Tensor | None = None          # reference modes: (k,) base values on the same noise (0: population)
     known: Tensor | None = None         # reference modes: (k,) bool, a base value exists for the caption
@@ -151,10 +151,16 @@ class ProbeSampler:
         return torch.randn((n, *shape), generator=generator or self.generator, dtype=torch.float32)
 
     def prepare(self, embeds: Tensor, uncond: Tensor, latent_shape: Sequence[int], step: int,
-                captions: Sequence[str] | None = None, fixed_noise: FixedNoise | None = None) -> ProbeBatch | None:
+                captions: Sequence[str] | None = None, fixed_noise: FixedNoise | None = None,
+                row_keys: Tensor | None = None, sources: Sequence[str] | None = None,
+                encode: Callable[[list[str]], Tensor] | None = None) -> ProbeBatch | None:
         """Probe inputs for this step (None when inactive); consumes only the sampler's generator.
         ``captions``: the batch's (None: unknown); ``fixed_noise``: draw each probe's noise from its
-        caption's fixed noises instead of fresh (needs ``captions``)."""
+        caption's fixed noises instead of fresh (needs ``captions``); ``row_keys``: the batch rows'
+        keys (default: their caption keys). ``sources``: the rows' dataset wordings; a probed row
+        whose caption was augmented is probed with its source wording (encoded by ``encode``), the
+        one the base-value cache holds, so its growth is measured against the base on that very
+        wording; unchanged rows reuse the batch's embeddings."""
         if not self.active(step):
             return None
         b = embeds.shape[0]
@@ -164,6 +170,12 @@ class ProbeSampler:
         else:
             index = torch.randint(b, (k,), generator=self.generator)
         probed = None if captions is None else [captions[int(i)] for i in index]
+        cond = embeds[index.to(embeds.device)]
+        if sources is not None and probed is not None:
+            wanted = [sources[int(i)] for i in index]
+            if wanted != probed:
+                probed = wanted
+                cond = encode(probed).to(device=embeds.device, dtype=embeds.dtype)
         draw = None
         if fixed_noise is None:
             latents = self.draw_latents(k, latent_shape)
@@ -171,10 +183,10 @@ class ProbeSampler:
             draw = torch.randint(fixed_noise.draws, (index.numel(),), generator=self.generator)
             latents = caption_latents(probed, draw, fixed_noise.draws, fixed_noise.seed, latent_shape)
         latents = latents.to(embeds.device)
-        cond = embeds[index.to(embeds.device)]
         sample, t, e = self.unet_inputs(latents, cond, uncond.to(device=embeds.device, dtype=embeds.dtype))
         return ProbeBatch(latents=latents, sample=sample, timesteps=t, embeds=e, index=index, captions=probed,
-                          keys=None if probed is None else caption_keys(probed), draw=draw)
+                          keys=row_keys[index] if row_keys is not None else
+                          None if probed is None else caption_keys(probed), draw=draw)
 
     @torch.no_grad()
     def score_sample(self, prompts: Sequence[str | Sequence[str]], encode: Callable[[list[str]], Tensor],
