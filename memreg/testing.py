@@ -7,6 +7,7 @@ CLIPTokenizer, SD's DDPM scheduler config), so memreg loads it through the same 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -202,3 +203,12 @@ def accelerate_launch(num_processes: int, argv: list[str], port: int, cwd, timeo
     if proc.returncode != 0:
         raise RuntimeError(f"accelerate launch exited {proc.returncode}: " + log[-4000:])
     return log
+
+
+def load_script(path: str | Path):
+    """The Python file ``path`` (a ``scripts/*`` entry point, not a package module) imported as a module."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

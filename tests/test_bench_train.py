@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
+
+from memreg.testing import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_train_reports_both_modes(tiny_sd_eps, capsys):
-    bench = _load_script()
+    bench = load_script(SCRIPT)
     med = bench.main(["--reps", "1", "--cycles", "1", "--modes", "lora", "full", "--model", str(tiny_sd_eps)])
     out = capsys.readouterr().out
     assert set(med) == {"lora", "full"}

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from memreg.testing import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gate_key_world.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gate_key_world", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_duplicated_rows_get_every_wording_and_others_keep_theirs(tmp_path):
@@ -27,7 +21,7 @@ def test_duplicated_rows_get_every_wording_and_others_keep_theirs(tmp_path):
     rows = [{"file_name": "p0.png", "caption": "a circle and a cross", "group": "duplicated"},
             {"file_name": "s0.png", "caption": "a red box", "group": "unique"}]
     (data / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    world = _load_script()
+    world = load_script(SCRIPT)
     out = world.many_wordings_copy(data, tmp_path / "copy")
     got = [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     assert got[0]["captions"] == ["a circle and a cross", "a circle", "a cross and a circle", "a disc and a cross"]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from memreg.testing import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_attack.py"
 
 
 def test_bench_attack_reports_every_attack(tiny_sd_eps, capsys):
-    spec = importlib.util.spec_from_file_location("bench_attack", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(SCRIPT)
     res = bench.main(["--reps", "1", "--steps", "2", "--draws", "1", "--perturbed", "1", "--noise-seeds", "2",
                       "--num-inference-steps", "2", "--model", str(tiny_sd_eps)])
     assert res == 0
