@@ -69,8 +69,9 @@ class DuplicateIndex:
         return [i for i, h in enumerate(self.hashes) if self.counts[h] == 1]
 
     def item_keys(self) -> list[int]:
-        """Per record, the 63-bit key of its item: its image, or the audit cluster it belongs to (what
-        the guard's gate flags with ``guard.gate_key: image``)."""
+        """Per record, the 63-bit key of its item: its image, its near-duplicate cluster (the trainer's
+        index, :mod:`memreg.training.item_clusters`) or the audit cluster it belongs to (what the
+        guard's gate flags with ``guard.gate_key: image``)."""
         return [text_key(h, seed=1) for h in self.hashes]
 
     def first_of_each(self) -> list[int]:

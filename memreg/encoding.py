@@ -1,4 +1,8 @@
-"""Batched prompt encoding with a pipeline's CLIP tokenizer and text encoder."""
+"""Batched prompt encoding with an SD 1.x/2.x pipeline's CLIP tokenizer and text encoder.
+
+Other families encode with their own encoder of the same interface (``memreg.families``: SDXL's
+``SDXLPromptEncoder``); ``memreg.families.prompt_encoder(components)`` picks the checkpoint's.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from torch import Tensor
 
 @dataclass
 class EncodedPrompts:
-    embeds: Tensor  # (B, L, D) last hidden states, as SD's UNet consumes them
+    embeds: Tensor  # (B, L, D) last hidden states, as SD's UNet consumes them (SDXL: a families.Conditioning)
     truncated: list[bool]  # prompt was longer than the tokenizer's max length
 
 

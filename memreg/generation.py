@@ -1,8 +1,9 @@
 """DDIM generation with the weights being trained, for the monitor's ground-truth copy check.
 
-A ``StableDiffusionPipeline`` is assembled from the components in memory (no loading, no copies of
-the weights; a DDIM scheduler made from the training scheduler's config) and called with one
-``torch.Generator`` per image, so generations are reproducible and never touch the global RNG.
+The family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) is
+assembled from the components in memory (no loading, no copies of the weights; a DDIM scheduler
+made from the training scheduler's config) and called with one ``torch.Generator`` per image, so
+generations are reproducible and never touch the global RNG.
 """
 
 from __future__ import annotations
@@ -10,24 +11,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from memreg.families import family_of
 from memreg.score import pure_noise_latents
 
 
 def build_pipeline(components, unet=None):
-    """A DDIM ``StableDiffusionPipeline`` over ``components`` (``unet`` replaces ``components.unet``)."""
-    if components.vae is None:
-        raise ValueError("image generation needs the VAE; load the components with with_vae=True")
-    scheduler = DDIMScheduler.from_config(components.scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=unet if unet is not None else components.unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The family's DDIM pipeline over ``components`` (``unet`` replaces ``components.unet``)."""
+    return family_of(components).build_pipeline(components, unet)
 
 
 @torch.no_grad()
@@ -65,17 +57,19 @@ def generate_from_embeds(pipe, prompt_embeds: torch.Tensor, negative_prompt_embe
                          seeds: Sequence[int], num_inference_steps: int = 20, guidance_scale: float = 7.5,
                          batch_size: int = 8, height: int | None = None,
                          width: int | None = None) -> list[Image.Image]:
-    """``generate_images`` from precomputed (e.g. mitigated) ``prompt_embeds`` (N, L, D), one image
-    per row; row i starts from ``initial_latents`` of ``seeds[i]``."""
+    """``generate_images`` from precomputed (e.g. mitigated) conditioning ``prompt_embeds`` (N rows:
+    (N, L, D) embeddings, or a ``memreg.families.Conditioning`` with the family's added inputs), one
+    image per row; row i starts from ``initial_latents`` of ``seeds[i]``."""
     if prompt_embeds.shape[0] != len(seeds):
         raise ValueError(f"got {prompt_embeds.shape[0]} prompt embeddings but {len(seeds)} seeds")
+    family = family_of(pipe.unet, pipe.scheduler)
     f = pipe.vae_scale_factor
     h, w = (height // f if height else None), (width // f if width else None)
     images: list[Image.Image] = []
     for i in range(0, len(seeds), batch_size):
         sl = slice(i, i + batch_size)
         latents = initial_latents(pipe.unet, seeds[sl], h, w).to(prompt_embeds.dtype)
-        out = pipe(prompt_embeds=prompt_embeds[sl], negative_prompt_embeds=negative_prompt_embeds[sl],
+        out = pipe(**family.pipeline_kwargs(prompt_embeds[sl], negative_prompt_embeds[sl]),
                    latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    height=height, width=width, output_type="pil")
         images.extend(im.convert("RGB") for im in out.images)

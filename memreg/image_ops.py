@@ -58,6 +58,15 @@ def to_tensor_normalized(image: Image.Image) -> torch.Tensor:
 def preprocess(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
                rng: np.random.Generator | None = None) -> torch.Tensor:
     """Resize -> crop (center, or random from ``rng``) -> optional flip -> [-1, 1] tensor."""
+    return preprocess_with_crop(image, resolution, center_crop, flip, rng)[0]
+
+
+def preprocess_with_crop(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                         rng: np.random.Generator | None = None
+                         ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """:func:`preprocess`, plus the image's (height, width) before resizing and the crop's (top,
+    left) in the resized image (SDXL's size and crop conditioning)."""
+    original = (image.size[1], image.size[0])
     image = resize_shorter(to_rgb(image), resolution)
     w, h = image.size
     if center_crop or rng is None:
@@ -67,4 +76,4 @@ def preprocess(image: Image.Image, resolution: int, center_crop: bool, flip: boo
     image = crop(image, top, left, resolution)
     if flip:
         image = hflip(image)
-    return to_tensor_normalized(image)
+    return to_tensor_normalized(image), original, (top, left)

@@ -43,6 +43,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from memreg.families import cat_conditioning, embeds_of, family_of, with_embeds
 from memreg.generation import build_pipeline, generate_from_embeds
 from memreg.score import AnisotropyScore, ddim_timesteps, guidance_norm, make_scorer, pure_noise_latents, to_epsilon
 
@@ -160,7 +161,7 @@ class WenObjective:
         sc, n = self.scorer, len(rows)
         x = torch.cat([self.latents[i] for i in rows])
         t = torch.full((2 * n,), self.t, device=x.device, dtype=torch.long)
-        out = sc.run_unet(torch.cat([x, x]), t, torch.cat([self.uncond.to(embeds).expand(n, -1, -1), embeds])).float()
+        out = sc.run_unet(torch.cat([x, x]), t, cat_conditioning([self.uncond.to(embeds).expand(n, -1, -1), embeds])).float()
         ab = sc.alphas_cumprod[self.t].to(device=x.device, dtype=torch.float32).expand(n)
         eps_u, eps_c = (to_epsilon(o, x, ab, sc.prediction_type) for o in out.chunk(2))
         return guidance_norm(eps_c - eps_u)
@@ -232,9 +233,11 @@ def _label(records: list[MitigationRecord], prompts, seeds) -> list[MitigationRe
 def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) -> tuple[Tensor, list[MitigationRecord]]:
     """The shared loop: step k evaluates the running prompts (one UNet call); a prompt at or below
     tau at step 0 is not flagged and stops; a flagged one stops at or below target or at
-    k == max_steps; the others take one AdamW step."""
+    k == max_steps; the others take one AdamW step. The token embeddings move; a family's added
+    conditioning (SDXL's pooled embedding and time ids) stays as encoded."""
     b, tau = cond.shape[0], float(config.tau)
     stop = tau if config.target is None else float(config.target)
+    template, cond = cond, embeds_of(cond)
     base = cond.detach().float()
     params = [base[i:i + 1].clone().requires_grad_(True) for i in range(b)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -244,7 +247,7 @@ def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) ->
         t0 = time.perf_counter()
         with torch.enable_grad():
             emb = torch.cat([torch.where(mask[i:i + 1, :, None], params[i], base[i:i + 1]) for i in active])
-            values = objective(emb, active)
+            values = objective(with_embeds(template[active], emb), active)
             vals = values.detach().float().cpu().tolist()
             keep = [j for j, v in enumerate(vals) if v > (tau if k == 0 else stop) and k < config.max_steps]
             if keep:
@@ -272,7 +275,7 @@ def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) ->
             out[i] = torch.where(mask[i, :, None], params[i].detach()[0], base[i]).to(cond.dtype)
         records.append(MitigationRecord(config.mode, flagged, before[i], after[i], steps[i], secs[i], tau,
                                         CRITERIA[config.mode]))
-    return out, records
+    return with_embeds(template, out), records
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,10 +298,12 @@ def _latent_size(pipe, height: int | None, width: int | None) -> tuple[int, int]
     return (height or size) // pipe.vae_scale_factor, (width or size) // pipe.vae_scale_factor
 
 
-def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+def encode_prompts(pipe, prompts: Sequence[str], height: int | None = None,
+                   width: int | None = None) -> tuple[Tensor, Tensor]:
     """(prompt_embeds, negative_prompt_embeds) exactly as ``pipe(prompt=prompts)`` would encode them
-    (the pipeline's own ``encode_prompt``: LoRA scale, textual inversion and all)."""
-    return pipe.encode_prompt(list(prompts), pipe.device, 1, True)
+    (the pipeline's own ``encode_prompt``: LoRA scale, textual inversion and all); for SDXL each a
+    ``memreg.families.Conditioning`` with the pooled embeddings and the time ids of that size."""
+    return family_of(pipe.unet, pipe.scheduler).encode_pipeline_prompts(pipe, prompts, height, width)
 
 
 def token_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
@@ -314,7 +319,7 @@ def mitigate_pipeline_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int]
     and mitigate them; pass the result to ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``
     with latents from the same ``seeds`` (``memreg.generation.generate_from_embeds`` does)."""
     config = (config or MitigationConfig()).check()
-    cond, neg = encode_prompts(pipe, prompts)
+    cond, neg = encode_prompts(pipe, prompts, height, width)
     learnable = None if config.move_padding else default_learnable(cond, token_lengths(pipe.tokenizer, prompts))
     res = mitigate_prompt_embeds(pipe.unet, pipe.scheduler, cond, neg[:1], seeds, config, learnable=learnable,
                                  latent_size=_latent_size(pipe, height, width), prompts=list(prompts))
@@ -336,7 +341,7 @@ def calibrate_thresholds(pipe, prompts: Sequence[str], config: MitigationConfig 
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     values = []
     for lo in range(0, len(prompts), batch_size):
-        cond, neg = encode_prompts(pipe, prompts[lo:lo + batch_size])
+        cond, neg = encode_prompts(pipe, prompts[lo:lo + batch_size], height, width)
         values.append(criterion_values(pipe.unet, pipe.scheduler, cond, neg[:1], seeds[lo:lo + batch_size], config,
                                        _latent_size(pipe, height, width)))
     values = torch.cat(values).double()

@@ -61,7 +61,7 @@ from memreg import generation
 from memreg import log_tags as tags
 from memreg.copy_detect import available_copy_detectors, detector_from_config
 from memreg.duplicates import DuplicateIndex, find_duplicates, first_caption
-from memreg.encoding import PromptEncoder
+from memreg.families import prompt_encoder
 from memreg.image_io import load_rgb
 from memreg.metrics import auroc, roc_points, tpr_at_fpr
 from memreg.monitor_config import EvalConfig
@@ -163,7 +163,7 @@ class MemorizationMonitor:
 
     Args:
         cfg: the ``eval:`` config (an :class:`EvalConfig` or a dict of its fields).
-        components: :class:`memreg.models.SDComponents` (tokenizer, text encoder, VAE, scheduler).
+        components: :class:`memreg.models.SDComponents` (tokenizer(s), text encoder(s), VAE, scheduler; any family).
         train_records / heldout_records: dicts ``{"image": PIL image or path, "caption": str or
             list[str], "id": ...}``; heldout_records may be empty (``cfg.heldout_prompts`` then).
         accelerator: an ``accelerate.Accelerator``; only its main process evaluates. ``None``: run
@@ -229,7 +229,7 @@ class MemorizationMonitor:
             unet = self.accelerator.unwrap_model(unet)
         scalars: dict[str, float] = {}
         c = self.components
-        with preserved_training_state(unet, c.text_encoder, c.vae), self._autocast():
+        with preserved_training_state(unet, *c.text_encoders, c.vae), self._autocast():
             if detect:
                 s, detail = self.run_detection(step, unet)
                 scalars.update(s)
@@ -332,7 +332,7 @@ class MemorizationMonitor:
         (:func:`memreg.score.mean_scores`, as ``memreg detect``)."""
         c = self.cfg
         scorer = scorer or self._scorer(unet)
-        encoder = encoder or PromptEncoder(self.components.tokenizer, self.components.text_encoder)
+        encoder = encoder or prompt_encoder(self.components)
         return mean_scores(scorer, encoder, prompts, self.noise_seeds(), noise=c.noise, batch_size=c.batch_size)
 
     def run_detection(self, step: int, unet) -> tuple[dict[str, float], dict]:
@@ -340,7 +340,7 @@ class MemorizationMonitor:
         groups = self.groups()
         scorer = self._scorer(unet)
 
-        encoder = PromptEncoder(self.components.tokenizer, self.components.text_encoder)
+        encoder = prompt_encoder(self.components)
         results = {g: self.score_prompts([p.text for p in items], unet, scorer, encoder) for g, items in groups.items()}
         scalars: dict[str, float] = {}
         for g, res in results.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 COPY_DETECTORS = ("ssim", "sscd")  # built in; memreg.copy_detect.register_copy_detector adds others
 SCORE_PRESETS = ("sd1", "sd2")
 SCORE_SPACES = ("eps", "score")
+ITEM_CLUSTER_KINDS = ("near", "exact")   # eval.item_clusters (memreg.training.item_clusters)
 from memreg.score import NOISE_MODES  # noqa: E402  (one definition, shared with memreg detect)
 
 
@@ -23,6 +24,9 @@ class EvalConfig:
     dup_min_count: int = 2                 # an image occurring >= this many times makes its captions "duplicated"
     duplicates_from: str | None = None     # an audit's clusters.jsonl: its clusters (near-duplicates included)
                                            # define "the same image" instead of the exact pixel hash
+    item_clusters: str = "near"            # otherwise the trainer's items: "near" (an image joined with its
+                                           # near-duplicates, as memreg audit finds them) | "exact" (pixels)
+    item_clusters_dir: str | None = None   # cache of the trainer's item index (None: <output_dir>/item_clusters)
     max_prompts_per_group: int = 64
     seeds: int = 2                         # noise draws per prompt (fixed across evals)
     noise: str = "shared"                  # "shared" | "per-prompt": as `memreg detect --noise`
@@ -79,6 +83,11 @@ class EvalConfig:
             bad("dup_min_count", "must be >= 2 (an image occurring once is not duplicated)")
         if self.duplicates_from is not None and not Path(self.duplicates_from).is_file():
             bad("duplicates_from", "no such file (expected memreg audit's clusters.jsonl)")
+        if self.item_clusters not in ITEM_CLUSTER_KINDS:
+            bad("item_clusters", f"must be one of {ITEM_CLUSTER_KINDS}")
+        if self.item_clusters_dir is not None and Path(self.item_clusters_dir).exists() \
+                and not Path(self.item_clusters_dir).is_dir():
+            bad("item_clusters_dir", "exists and is not a directory")
         if not 0.0 <= self.heldout_fraction < 1.0:
             bad("heldout_fraction", "must be in [0, 1)")
         if self.preset is not None and self.preset not in SCORE_PRESETS:

@@ -25,10 +25,12 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from memreg.families import cat_conditioning, denoise, family_of
 from memreg.keys import text_key
 from memreg.log_tags import SCORE_TERMS
 
-PRESETS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
+# the paper's SD1.x and SD2.x weights; SDXL's is SD1.x's, not validated on real SDXL weights (memreg.families.sdxl)
+PRESETS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1), "sdxl": (1.0, 2.0)}
 SPACES = ("eps", "score")
 TERM_SETS = ("both", "norm", "align")     # which half of the 4-sample batch a caller runs
 NOISE_MODES = ("shared", "per-prompt")
@@ -128,7 +130,8 @@ class AnisotropyScore:
         t_hi, t_lo: timesteps of the norm and alignment terms; default first and third-to-last
             of a 50-step DDIM schedule for this scheduler (981 and 41 for SD).
         g1, g2: weights of the norm and alignment terms (ignored if ``preset`` is given).
-        preset: "sd1" (g1=1, g2=2) or "sd2" (g1=1, g2=0.1), the paper's weights.
+        preset: "sd1" (g1=1, g2=2) or "sd2" (g1=1, g2=0.1), the paper's weights; "sdxl" (1, 2),
+            SD1.x's, not validated on real SDXL weights.
         prediction_type: overrides the scheduler's (epsilon, v_prediction or sample).
         space: where the norm term is taken.
             "eps": on eps predictions (v/sample outputs converted first); the paper's definition,
@@ -179,7 +182,7 @@ class AnisotropyScore:
         halves = {"norm": [self.t_hi], "align": [self.t_lo], "both": [self.t_hi, self.t_lo]}[terms]
         sample = latents.repeat(2 * len(halves), 1, 1, 1)
         t = torch.tensor([tt for tt in halves for _ in range(2 * b)], device=latents.device, dtype=torch.long)
-        embeds = torch.cat([uncond, cond_embeds] * len(halves))
+        embeds = cat_conditioning([uncond, cond_embeds] * len(halves))   # added conditioning batched with it
         return sample, t, embeds
 
     @staticmethod
@@ -222,8 +225,8 @@ class AnisotropyScore:
         dtype = self.unet.dtype
         n = sample.shape[0]
         step = self.chunk_size or n
-        outs = [self.unet(sample[i:i + step].to(dtype), timesteps[i:i + step],
-                          encoder_hidden_states=embeds[i:i + step].to(dtype)).sample for i in range(0, n, step)]
+        outs = [denoise(self.unet, sample[i:i + step].to(dtype), timesteps[i:i + step], embeds[i:i + step].to(dtype)).sample
+                for i in range(0, n, step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _alpha_bar(self, t: int, like: Tensor) -> Tensor:
@@ -239,10 +242,11 @@ def make_scorer(unet, scheduler, *, preset: str | None = None, g1: float | None 
                 t_hi: int | None = None, t_lo: int | None = None, prediction_type: str | None = None,
                 space: str = "eps") -> AnisotropyScore:
     """The scorer for this model, by the one weight rule every caller uses: ``preset`` if given, else
-    ``g1``/``g2`` if both are given, else :func:`default_preset` of the model's prediction type."""
+    ``g1``/``g2`` if both are given, else the model family's default (``memreg.families``: SD 1.x and
+    epsilon SD 2.x ``sd1``, v-prediction SD 2.x ``sd2`` as :func:`default_preset`, SDXL ``sdxl``)."""
     pt = prediction_type or scheduler.config.prediction_type
     if preset is None and (g1 is None or g2 is None):
-        preset = default_preset(pt)
+        preset = family_of(unet, prediction_type=pt).default_preset(pt)
     if preset is not None:
         return AnisotropyScore(unet, scheduler, t_hi=t_hi, t_lo=t_lo, preset=preset, prediction_type=pt, space=space)
     return AnisotropyScore(unet, scheduler, t_hi=t_hi, t_lo=t_lo, g1=g1, g2=g2, prediction_type=pt, space=space)
@@ -276,10 +280,10 @@ def _score_shared(scorer: AnisotropyScore, run_unet, x: Tensor, cond: Tensor, un
     if key not in cache:
         x1 = x[:1]
         t = torch.tensor([scorer.t_hi, scorer.t_lo], device=x.device, dtype=torch.long)
-        cache[key] = run_unet(torch.cat([x1, x1]), t, torch.cat([uncond[:1], uncond[:1]]))
+        cache[key] = run_unet(torch.cat([x1, x1]), t, cat_conditioning([uncond[:1], uncond[:1]]))
     out_u = cache[key]
     t = torch.tensor([scorer.t_hi] * b + [scorer.t_lo] * b, device=x.device, dtype=torch.long)
-    c_hi, c_lo = run_unet(torch.cat([x, x]), t, torch.cat([cond, cond])).chunk(2)
+    c_hi, c_lo = run_unet(torch.cat([x, x]), t, cat_conditioning([cond, cond])).chunk(2)
     u_hi = out_u[0:1].expand(b, *out_u.shape[1:])
     u_lo = out_u[1:2].expand(b, *out_u.shape[1:])
     return scorer.from_unet_output(torch.cat([u_hi, c_hi, u_lo, c_lo]), x)
@@ -369,11 +373,11 @@ def wen_multistep_norm(unet, scheduler, latents: Tensor, cond_embeds: Tensor, un
     alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
     b = latents.shape[0]
     uncond = uncond_embeds.expand(b, *uncond_embeds.shape[1:]) if uncond_embeds.shape[0] == 1 else uncond_embeds
-    embeds = torch.cat([uncond, cond_embeds]).to(unet.dtype)
+    embeds = cat_conditioning([uncond, cond_embeds]).to(unet.dtype)
     x = latents.float() * ddim.init_noise_sigma
     total = torch.zeros(b, device=latents.device)
     for t in ddim.timesteps[:steps]:
-        out = unet(torch.cat([x, x]).to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
+        out = denoise(unet, torch.cat([x, x]).to(unet.dtype), t, embeds).sample.float()
         out_u, out_c = out.chunk(2)
         ab = alphas_cumprod[int(t)].expand(b)
         diff = to_epsilon(out_c, x, ab, prediction_type) - to_epsilon(out_u, x, ab, prediction_type)

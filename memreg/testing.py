@@ -1,8 +1,8 @@
-"""A tiny, offline Stable Diffusion pipeline in diffusers format.
+"""Tiny, offline Stable Diffusion pipelines in diffusers format (SD 1.x/2.x and SDXL).
 
-Tests, benchmarks and the demo use it instead of a hub checkpoint. It has every component a real
-SD1.x/2.x checkpoint has (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a real BPE
-CLIPTokenizer, SD's DDPM scheduler config), so memreg loads it through the same code path.
+Tests, benchmarks and the demo use them instead of a hub checkpoint. Each has every component a
+real checkpoint of its family has (UNet2DConditionModel, AutoencoderKL, CLIP text encoder(s), a
+real BPE CLIPTokenizer, the DDPM scheduler config), so memreg loads it through the same code path.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Words the tiny tokenizer learns merges from: generic caption vocabulary plus the demo's
 # colour/shape/position words. Anything else still tokenizes, byte by byte.
@@ -179,6 +179,64 @@ def build_tiny_sd(
     # Keep the slow-tokenizer files beside tokenizer.json, as hub SD checkpoints ship them.
     for name in ("vocab.json", "merges.txt"):
         (out_dir / "tokenizer" / name).write_text((Path(tok_dir.name) / name).read_text())
+    tok_dir.cleanup()
+    return out_dir
+
+
+def build_tiny_sdxl(
+    out_dir: str | Path,
+    seed: int = 0,
+    sample_size: int = 16,
+    text_widths: tuple[int, int] = (32, 32),
+    projection_dim: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    addition_time_embed_dim: int = 8,
+    force_zeros_for_empty_prompt: bool = True,
+    text_layers: int = 2,
+) -> Path:
+    """Build and save a randomly initialised tiny SDXL pipeline (``StableDiffusionXLPipeline``
+    format: ``text_encoder`` a ``CLIPTextModel``, ``text_encoder_2`` a ``CLIPTextModelWithProjection``,
+    a UNet with ``addition_embed_type="text_time"`` whose cross-attention width is the two encoders'
+    summed hidden sizes, SDXL's scheduler betas); return its directory. The VAE downsamples by 2, so
+    images are ``2 * sample_size`` pixels; ``force_zeros_for_empty_prompt`` goes to model_index.json
+    (SDXL base: true)."""
+    out_dir = Path(out_dir)
+    tok_dir = tempfile.TemporaryDirectory()
+    tokenizer = write_tiny_clip_tokenizer(tok_dir.name)
+    torch.manual_seed(seed)
+
+    def text_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=77,
+                              projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_config(text_widths[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(text_widths[1]))
+    levels = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        cross_attention_dim=sum(text_widths), attention_head_dim=8, norm_num_groups=16,
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + projection_dim,
+    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=2 * sample_size, scaling_factor=0.13025)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+                              timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt"):
+            (out_dir / sub / name).write_text((Path(tok_dir.name) / name).read_text())
     tok_dir.cleanup()
     return out_dir
 

@@ -28,6 +28,19 @@ is dropped. Reported per config, as medians over repetitions, and as ratios to t
 Targets at the defaults, per mode: step time <= 1.3x, peak memory <= 1.2x the mode's ``none`` run
 (one ``targets`` line per mode; ``penalty every batch`` gets the same ratios, for information).
 main() returns ``{mode: {config: {metric: median}}}``.
+
+At a real architecture (``--arch sd15|sd21|sdxl``): a random-weight pipeline at the published
+configuration (:mod:`memreg.arch`; ``--arch-dir`` reuses one built by scripts/make_real_arch.py),
+latent ``--latent`` (8: 64 px images), batch ``--batch`` (default 2), configs ``none`` and
+``penalty defaults`` only (``--configs`` adds others). Each run trains ``1 + cycles * every_n_steps``
+steps and stops there without final outputs (``stop_at_step``: no multi-GB save per run). Targets
+for LoRA: step time <= 1.10x, peak memory <= 1.05x; full fine-tuning is reported. It also prints the
+guard's calibration cost per training caption (wall time of the guard's ``calibrate()`` in the
+``penalty defaults`` runs: the base-value cache, captions x draws x 2 no-grad UNet samples, and the
+calibration draws) and the score's time against its bare UNet call (scripts/bench_score.py's (a)).
+Keep a run under 10 minutes on 2 cores: SD 1.5 ``--reps 3 --cycles 2``.
+
+    python scripts/bench_train.py --arch sd15 --modes lora full --reps 3 --cycles 2
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from memreg import log_tags as tags  # noqa: E402
+from memreg.arch.build import FAMILIES as ARCH_FAMILIES  # noqa: E402
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig  # noqa: E402
 from memreg.training.config import load_config  # noqa: E402
 from memreg.training.loop import train  # noqa: E402
@@ -66,18 +80,20 @@ MODES = ("lora", "full")
 DEFAULTS = "penalty defaults"
 EVERY_BATCH = "penalty every batch"
 TARGET_STEP, TARGET_PEAK = 1.3, 1.2
+ARCH_TARGETS = {"lora": (1.10, 1.05)}       # real architecture: (step, peak memory); full fine-tuning reported
+ARCH_CONFIGS = ("none", DEFAULTS)
 KEPT_YAML_GUARD_KEYS = ("calibration_prompts", "calibration_seeds")  # setup cost only; tiny data set
 METRICS = ("step", "active", "inactive", "act", "heap")
 
 
-def write_imagefolder(root: Path, n: int = 16) -> Path:
+def write_imagefolder(root: Path, n: int = 16, size: int = 32) -> Path:
     words = ["red", "blue", "green", "yellow", "white", "black", "pink", "brown"]
     shapes = ["circle", "square", "triangle", "star"]
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     with open(root / "metadata.jsonl", "w") as f:
         for i in range(n):
-            Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {words[i % 8]} {shapes[i % 4]}"}) + "\n")
     return root
 
@@ -134,20 +150,28 @@ def penalty_defaults() -> dict:
                                         if f.name not in KEPT_YAML_GUARD_KEYS}}
 
 
-def block_configs(mode: str, extra_k: list[int]) -> dict[str, dict]:
-    """config name -> ``load_config`` overrides, for one training mode."""
+def block_configs(mode: str, extra_k: list[int], only: list[str] | None = None) -> dict[str, dict]:
+    """config name -> ``load_config`` overrides, for one training mode (``only``: these names, in order)."""
     pen = penalty_defaults()
     configs = {"none": {}, DEFAULTS: pen,
                EVERY_BATCH: {**pen, "guard.every_n_steps": 1, "guard.probes_per_step": 1},
                **{f"penalty k={k}": {**pen, "guard.probes_per_step": k} for k in extra_k},
                "agc": {"guard.type": "agc"}}
+    if only is not None:
+        configs = {name: configs[name] for name in dict.fromkeys(["none", DEFAULTS, *only])}
     return {name: {"mode": mode, **o} for name, o in configs.items()}
 
 
-def run_argv(model: Path, data: Path, out: Path, steps: int) -> list[str]:
+def run_argv(model: Path, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
     return ["--config", str(TINY), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
             "--output_dir", str(out), "--max_train_steps", str(steps), "--report_to", "none",
-            "--checkpointing_steps", "100000"]
+            "--checkpointing_steps", "100000", *extra]
+
+
+def arch_argv(resolution: int, batch: int, steps: int) -> tuple[str, ...]:
+    """Real-architecture runs: resolution and batch, and a stop after ``steps`` without final outputs."""
+    return ("--resolution", str(resolution), "--train_batch_size", str(batch), "--max_train_steps", str(steps + 1),
+            "--stop_at_step", str(steps))
 
 
 def summarize(res, heap_peak: float) -> dict:
@@ -161,15 +185,42 @@ def summarize(res, heap_peak: float) -> dict:
             "act": max(lg[tags.PERF_ACTIVATION_MB] for lg in res.logs), "heap": heap_peak}
 
 
-def run_block(mode: str, configs: dict[str, dict], root: Path, model: Path, data: Path, steps: int, reps: int):
+class CalibrationTimer:
+    """Wall time of each ``AnisotropyGateGuard.calibrate()`` call while active (the guard's one-off setup)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def __enter__(self):
+        from memreg.guards.anisotropy_gate.guard import AnisotropyGateGuard
+
+        self._cls, self._orig = AnisotropyGateGuard, AnisotropyGateGuard.calibrate
+        timer = self
+
+        def timed(guard):
+            t0 = time.perf_counter()
+            try:
+                return timer._orig(guard)
+            finally:
+                timer.seconds.append(time.perf_counter() - t0)
+
+        AnisotropyGateGuard.calibrate = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.calibrate = self._orig
+
+
+def run_block(mode: str, configs: dict[str, dict], root: Path, model: Path, data: Path, steps: int, reps: int,
+              extra: tuple[str, ...] = (), warmup_extra: tuple[str, ...] = ()):
     """Medians per config of ``reps`` interleaved repetitions (after one warm-up run of the mode)."""
-    run_once(run_argv(model, data, root / f"warmup_{mode}", 2), configs[DEFAULTS])
+    run_once(run_argv(model, data, root / f"warmup_{mode}", 2, warmup_extra), configs[DEFAULTS])
     names = list(configs)
     results = {k: {m: [] for m in METRICS} for k in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             out = root / f"{mode}_{rep}_{names.index(name)}"
-            for m, v in summarize(*run_once(run_argv(model, data, out, steps), configs[name])).items():
+            for m, v in summarize(*run_once(run_argv(model, data, out, steps, extra), configs[name])).items():
                 if v is not None:
                     results[name][m].append(v)
     return {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in results.items()}
@@ -184,7 +235,7 @@ def verdict(value: float, target: float) -> str:
     return "ok" if value <= target else "MISSED"
 
 
-def print_block(mode: str, med: dict, header: str) -> None:
+def print_block(mode: str, med: dict, header: str, targets: tuple[float, float] | None = (TARGET_STEP, TARGET_PEAK)) -> None:
     print(header)
     hdr = (f"{'config':22s} {'step ms':>8s} {'ratio':>6s} {'active ms':>9s} {'inact ms':>8s} "
            f"{'peak MB':>8s} {'ratio':>6s} {'saved MB':>8s}")
@@ -195,10 +246,15 @@ def print_block(mode: str, med: dict, header: str) -> None:
         print(f"{name:22s} {1e3 * m['step']:8.1f} {st:6.2f} {1e3 * m['active']:9.1f} {1e3 * m['inactive']:8.1f} "
               f"{m['heap']:8.1f} {mt:6.2f} {m['act']:8.2f}")
     st, mt = ratios(med, DEFAULTS)
-    print(f"targets at the defaults ({mode}): step time {st:.2f}x (<= {TARGET_STEP:.2f}: {verdict(st, TARGET_STEP)}), "
-          f"peak memory {mt:.2f}x (<= {TARGET_PEAK:.2f}: {verdict(mt, TARGET_PEAK)})")
-    st, mt = ratios(med, EVERY_BATCH)
-    print(f"for information, {EVERY_BATCH} ({mode}): step time {st:.2f}x, peak memory {mt:.2f}x")
+    if targets is None:
+        print(f"at the defaults ({mode}, reported, no target): step time {st:.2f}x, peak memory {mt:.2f}x")
+    else:
+        ts, tm = targets
+        print(f"targets at the defaults ({mode}): step time {st:.2f}x (<= {ts:.2f}: {verdict(st, ts)}), "
+              f"peak memory {mt:.2f}x (<= {tm:.2f}: {verdict(mt, tm)})")
+    if EVERY_BATCH in med:
+        st, mt = ratios(med, EVERY_BATCH)
+        print(f"for information, {EVERY_BATCH} ({mode}): step time {st:.2f}x, peak memory {mt:.2f}x")
 
 
 def block_header(mode: str, base, args, steps: int, elapsed: float) -> str:
@@ -207,7 +263,8 @@ def block_header(mode: str, base, args, steps: int, elapsed: float) -> str:
 
     d = AnisotropyGateConfig()
     what = "UNet attention LoRA" if mode == "lora" else "whole UNet, text encoder frozen"
-    return (f"bench_train: tiny SD, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
+    model = "tiny SD" if args.arch is None else f"{args.arch} (published architecture, random weights)"
+    return (f"bench_train: {model}, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
             f"{base.resolution} px), torch {torch.__version__}, {args.threads} threads, device cpu\n"
             f"{args.reps} interleaved repetitions x {steps} steps per run (first step dropped; penalty defaults: "
             f"k={d.probes_per_step} every {d.every_n_steps} steps), medians; {elapsed:.0f} s")
@@ -222,10 +279,71 @@ def parse_args(argv):
     ap.add_argument("--model", default=None, help="tiny SD dir (default: build one in a temp dir)")
     ap.add_argument("--data", default=None, help="imagefolder (default: 16 random 32 px images)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arch", choices=ARCH_FAMILIES, default=None,
+                    help="bench on a random-weight pipeline at this published architecture (memreg.arch)")
+    ap.add_argument("--arch-dir", default=None, help="with --arch: a pipeline dir built by scripts/make_real_arch.py")
+    ap.add_argument("--latent", type=int, default=8, help="with --arch: UNet latent size (images: 8x that, px)")
+    ap.add_argument("--batch", type=int, default=None, help="train batch (default: 4 tiny, 2 with --arch)")
+    ap.add_argument("--configs", nargs="*", default=None, choices=[EVERY_BATCH, "agc"],
+                    help="with --arch: configs besides none and the defaults (default: none)")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.cycles < 1 or any(k < 1 for k in args.k):
         ap.error("--reps, --cycles and --k must be >= 1")
+    if args.arch is None and (args.arch_dir or args.configs is not None):
+        ap.error("--arch-dir and --configs need --arch")
+    if args.arch is not None and (args.batch or 2) < 2:
+        ap.error("--batch must be >= 2 with --arch")
     return args
+
+
+def captions_of(data: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+
+
+def score_cost(model: Path, batch: int, resolution: int, reps: int = 5) -> dict:
+    """scripts/bench_score.py's (a) on ``model``: the bare UNet call on the score's 4B samples vs
+    ``AnisotropyScore`` on B prompts (medians of interleaved repetitions after one warm-up); the
+    family's prompt encoder and UNet call (SDXL: with its added conditioning)."""
+    import torch
+
+    from memreg.families import denoise, prompt_encoder
+    from memreg.models import load_components
+    from memreg.score import make_scorer, pure_noise_latents
+    from memreg.testing import load_script
+
+    bench_score = load_script(REPO / "scripts" / "bench_score.py")
+    comps = load_components(str(model), with_vae=False)
+    scorer = make_scorer(comps.unet, comps.scheduler)
+    encoder = prompt_encoder(comps, image_size=resolution)
+    cond = encoder.encode(bench_score.FALLBACK_PROMPTS[:batch]).embeds
+    uncond = encoder.uncond()
+    x = pure_noise_latents(comps.unet, batch, torch.Generator().manual_seed(0))
+    sample, t, emb = scorer.unet_inputs(x, cond, uncond)
+
+    @torch.no_grad()
+    def bare():
+        return denoise(comps.unet, sample, t, emb).sample
+
+    @torch.no_grad()
+    def score():
+        return scorer(x, cond, uncond).score
+
+    med = bench_score.interleaved({"bare": bare, "score": score}, reps, 1, torch.device("cpu"))
+    return {"bare": med["bare"], "score": med["score"], "ratio": med["score"] / med["bare"], "samples": 4 * batch}
+
+
+def print_arch_extras(args, calib_s: list[float], captions: list[str], cost: dict) -> None:
+    d = AnisotropyGateConfig()
+    n = len(set(captions))
+    if calib_s:
+        c = statistics.median(calib_s)
+        print(f"calibration ({args.arch}, penalty defaults, {len(calib_s)} runs): {c:.2f} s for {n} distinct training "
+              f"captions = {c / n:.3f} s per caption (base-value cache: {d.reference_draws} draws x 2 no-grad UNet "
+              f"samples a caption, plus the calibration draws); paid once per run, outside the step time")
+    print(f"score vs its bare UNet call ({args.arch}, B={cost['samples'] // 4}): bare UNet call on "
+          f"{cost['samples']} samples {1e3 * cost['bare']:.1f} ms, AnisotropyScore {1e3 * cost['score']:.1f} ms, "
+          f"ratio {cost['ratio']:.3f}x (target <= 1.05x: {verdict(cost['ratio'], 1.05)}); "
+          f"{cost['samples'] // 4 / cost['score']:.2f} prompts/s")
 
 
 def main(argv=None):
@@ -240,6 +358,8 @@ def main(argv=None):
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
+        if args.arch is not None:
+            return main_arch(args, root, steps)
         if args.model is None:
             from memreg.testing import build_tiny_sd
 
@@ -247,11 +367,40 @@ def main(argv=None):
         else:
             model = Path(args.model)
         data = Path(args.data) if args.data else write_imagefolder(root / "data")
-        base = load_config(run_argv(model, data, root, steps))
+        extra = ("--train_batch_size", str(args.batch)) if args.batch else ()
+        base = load_config(run_argv(model, data, root, steps, extra))
         for mode in args.modes:
             t0 = time.time()
-            out[mode] = run_block(mode, block_configs(mode, args.k), root, model, data, steps, args.reps)
+            out[mode] = run_block(mode, block_configs(mode, args.k), root, model, data, steps, args.reps, extra, extra)
             print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0))
+    return out
+
+
+def main_arch(args, root: Path, steps: int) -> dict:
+    """The blocks at a real architecture, then the calibration and score costs."""
+    from memreg.arch.build import build_pipeline_dir, vae_scale
+
+    t0 = time.time()
+    model = Path(args.arch_dir) if args.arch_dir else build_pipeline_dir(args.arch, root / args.arch,
+                                                                           sample_size=args.latent)
+    if not args.arch_dir:
+        print(f"built {args.arch} (latent {args.latent}) in {time.time() - t0:.0f} s")
+    resolution = vae_scale(args.arch) * args.latent
+    batch = args.batch or 2
+    data = Path(args.data) if args.data else write_imagefolder(root / "data", size=resolution)
+    extra = arch_argv(resolution, batch, steps)
+    base = load_config(run_argv(model, data, root, steps, extra))
+    out = {}
+    with CalibrationTimer() as calib:
+        for mode in args.modes:
+            t0 = time.time()
+            n_before = len(calib.seconds)
+            out[mode] = run_block(mode, block_configs(mode, args.k, args.configs or []), root, model, data, steps,
+                                  args.reps, extra, arch_argv(resolution, batch, 1))
+            del calib.seconds[n_before]     # the warm-up run's
+            print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0),
+                        ARCH_TARGETS.get(mode))
+    print_arch_extras(args, calib.seconds, captions_of(data), score_cost(model, batch, resolution))
     return out
 
 

@@ -16,9 +16,9 @@ PKG = ROOT / "memreg"
 LAYERS: list[tuple[str, ...]] = [
     ("memreg.errors", "memreg.keys", "memreg.argtypes", "memreg.config_schema", "memreg.log_tags", "memreg.metrics",
      "memreg.image_io", "memreg.image_ops", "memreg.prompt_io", "memreg.imagefolder", "memreg.sharding",
-     "memreg.models", "memreg.encoding"),
+     "memreg.models", "memreg.encoding", "memreg.families"),
     ("memreg.score", "memreg.duplicates", "memreg.copy_detect", "memreg.generation", "memreg.monitor_config",
-     "memreg.testing"),
+     "memreg.testing", "memreg.arch"),
     ("memreg.guards", "memreg.detect", "memreg.mitigate", "memreg.monitor", "memreg.audit", "memreg.attack",
      "memreg.report"),
     ("memreg.training",),

@@ -13,6 +13,11 @@ Flags are diffusers' text-to-image flag names; nested keys use dots (``--guard.t
 ``--guard.weight 0.5``, ``--eval.enabled true``). Caption augmentation and repeats take kohya-ss'
 names (``--shuffle_caption --keep_tokens 1 --caption_tag_dropout_rate 0.1 --num_repeats 10``;
 ``memreg.training.captions``). Everything lives in ``memreg.training``.
+
+The model family (SD 1.x, 2.x or SDXL, ``memreg.families``) is read from the checkpoint. SDXL takes
+diffusers' SDXL script flags: ``--pretrained_vae_model_name_or_path`` (e.g. the fp16-fix VAE), the
+size and crop conditioning from ``--resolution``/``--center_crop``/``--random_flip`` as those
+scripts compute it, and ``--train_text_encoder`` (LoRA or full) trains both text encoders.
 """
 
 from __future__ import annotations

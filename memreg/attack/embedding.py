@@ -54,40 +54,63 @@ def denoising_target(scheduler, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     return z0 if kind == "sample" else noise
 
 
-def _loss(unet, scheduler, z: Tensor, emb: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+def _loss(unet, scheduler, z: Tensor, emb: Tensor, t: Tensor, noise: Tensor, starts: int) -> Tensor:
+    """Sum over the ``starts`` embeddings of each one's mean denoising loss; ``z``, ``t``, ``noise`` hold
+    ``len(z) // starts`` rows per embedding, in embedding order. A sum of per-start means gives every start
+    exactly the gradient it would get alone, so one batched search equals ``starts`` separate ones."""
     dtype = next(unet.parameters()).dtype
     noisy = scheduler.add_noise(z, noise, t)
-    pred = unet(noisy.to(dtype), t, encoder_hidden_states=emb.to(dtype).expand(z.shape[0], -1, -1)).sample
-    return F.mse_loss(pred.float(), denoising_target(scheduler, z, noise, t).float())
+    cond = emb.to(dtype).repeat_interleave(z.shape[0] // starts, dim=0)
+    pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond).sample
+    err = F.mse_loss(pred.float(), denoising_target(scheduler, z, noise, t).float(), reduction="none")
+    return err.reshape(starts, -1).mean(dim=1).sum()
 
 
-def _pairs(z: Tensor, n_t: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    t = torch.randint(0, n_t, (z.shape[0],), generator=gen).to(z.device)
-    return t, torch.randn(z.shape, generator=gen).to(z.device, z.dtype)
+def _pairs(z0: Tensor, per_start: int, n_t: int, gens: list[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
+    """``per_start`` (timestep, noise) pairs for each generator in turn, and ``z0`` repeated to match."""
+    ts, noises = [], []
+    for g in gens:
+        ts.append(torch.randint(0, n_t, (per_start,), generator=g))
+        noises.append(torch.randn((per_start, *z0.shape[1:]), generator=g))
+    z = z0.expand(per_start * len(gens), *z0.shape[1:])
+    return z, torch.cat(ts).to(z0.device), torch.cat(noises).to(z0.device, z0.dtype)
 
 
 @torch.no_grad()
-def fixed_loss(unet, scheduler, z0: Tensor, emb: Tensor, pairs: int = 16, seed: int = 0) -> float:
-    """The denoising loss of ``emb`` on ``z0`` at ``pairs`` (timestep, noise) pairs fixed by ``seed``."""
-    z = z0.expand(pairs, *z0.shape[1:])
-    t, noise = _pairs(z, scheduler.config.num_train_timesteps, torch.Generator("cpu").manual_seed(int(seed)))
-    return float(_loss(unet, scheduler, z, emb, t, noise))
+def fixed_losses(unet, scheduler, z0: Tensor, embeds: Tensor, seeds: list[int], pairs: int = 16) -> list[float]:
+    """Per embedding of ``embeds`` (K, L, D), its denoising loss on ``z0`` at ``pairs`` (timestep, noise)
+    pairs fixed by its seed in ``seeds``."""
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    z, t, noise = _pairs(z0, pairs, scheduler.config.num_train_timesteps, gens)
+    dtype = next(unet.parameters()).dtype
+    pred = unet(scheduler.add_noise(z, noise, t).to(dtype), t,
+                encoder_hidden_states=embeds.to(dtype).repeat_interleave(pairs, dim=0)).sample
+    err = F.mse_loss(pred.float(), denoising_target(scheduler, z, noise, t).float(), reduction="none")
+    return err.reshape(len(seeds), -1).mean(dim=1).tolist()
 
 
-def search_embedding(unet, scheduler, z0: Tensor, init: Tensor, steps: int, lr: float = 0.01,
-                     fit_noises: int = 4, seed: int = 0) -> SearchResult:
-    """Fit a prompt embedding to ``z0`` (see the module doc); ``init`` (1, L, D) is not modified."""
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    emb = init.detach().clone().float().requires_grad_(True)
+def search_embeddings(unet, scheduler, z0: Tensor, inits: list[Tensor], steps: int, lr: float = 0.01,
+                      fit_noises: int = 4, seeds: list[int] | None = None) -> list[SearchResult]:
+    """Fit one prompt embedding per start in ``inits`` (each (1, L, D), not modified) to ``z0`` (see the
+    module doc), all in one batched UNet call a step. Start k draws its (timestep, noise) pairs from
+    its own generator seeded ``seeds[k]`` and its fixed before/after pairs from ``seeds[k] + 1``; Adam
+    is elementwise, so each start's trajectory is the one it would follow searched alone."""
+    seeds = list(range(len(inits))) if seeds is None else list(seeds)
+    if len(seeds) != len(inits):
+        raise ValueError(f"search_embeddings: {len(inits)} starts but {len(seeds)} seeds")
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    emb = torch.cat([e.detach() for e in inits]).clone().float().requires_grad_(True)
     opt = torch.optim.Adam([emb], lr=lr)
-    z = z0.expand(fit_noises, *z0.shape[1:])
-    before = fixed_loss(unet, scheduler, z0, emb.detach(), seed=seed + 1)
+    fixed = [s + 1 for s in seeds]
+    before = fixed_losses(unet, scheduler, z0, emb.detach(), fixed)
+    n_t = scheduler.config.num_train_timesteps
     with torch.enable_grad():
         for _ in range(steps):
-            t, noise = _pairs(z, scheduler.config.num_train_timesteps, gen)
-            loss = _loss(unet, scheduler, z, emb, t, noise)
+            z, t, noise = _pairs(z0, fit_noises, n_t, gens)
+            loss = _loss(unet, scheduler, z, emb, t, noise, len(inits))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     emb = emb.detach()
-    return SearchResult(emb.to(init.dtype), before, fixed_loss(unet, scheduler, z0, emb, seed=seed + 1), steps)
+    after = fixed_losses(unet, scheduler, z0, emb, fixed)
+    return [SearchResult(emb[k:k + 1].to(inits[k].dtype), before[k], after[k], steps) for k in range(len(inits))]

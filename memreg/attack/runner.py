@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
-from memreg.attack.embedding import image_latent, search_embedding
+from memreg.attack.embedding import image_latent, search_embeddings
 from memreg.attack.targets import Target
 from memreg.attack.wordings import perturbed_wordings
 from memreg.encoding import PromptEncoder
@@ -110,14 +110,13 @@ class Attacker:
 
     def _embedding(self, target: Target, seed0: int, ref, best: Best, state: dict) -> dict:
         z0 = image_latent(self.pipe.vae, target.image, self.size)
-        fitted, losses = [], {}
-        for k, start in enumerate(self.s.starts):
-            init = self.encoder.encode([target.wordings[0]]).embeds if start == "caption" and target.wordings \
-                else self.empty
-            res = search_embedding(self.pipe.unet, self.pipe.scheduler, z0, init, self.s.steps, self.s.lr,
-                                   self.s.fit_noises, seed=seed0 + 10_000 + k)
-            fitted.append((start, res.embeds))
-            losses[start] = {"before": res.loss_before, "after": res.loss_after}
+        inits = [self.encoder.encode([target.wordings[0]]).embeds if start == "caption" and target.wordings
+                 else self.empty for start in self.s.starts]
+        results = search_embeddings(self.pipe.unet, self.pipe.scheduler, z0, inits, self.s.steps, self.s.lr,
+                                    self.s.fit_noises, seeds=[seed0 + 10_000 + k for k in range(len(inits))])
+        fitted = [(start, res.embeds) for start, res in zip(self.s.starts, results)]
+        losses = {start: {"before": res.loss_before, "after": res.loss_after}
+                  for start, res in zip(self.s.starts, results)}
         sim = self._from_embeds(fitted, self.s.draws, seed0, ref, best)
         by_start = dict(fitted)
         state["best_embed"] = by_start.get(best.detail.get("start"), fitted[0][1])

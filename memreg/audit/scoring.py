@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memreg.encoding import PromptEncoder
+from memreg.families import prompt_encoder
 from memreg.models import check_model_path, load_components, parse_dtype
 from memreg.log_tags import SCORE_TERMS
 from memreg.score import make_scorer, mean_scores
@@ -41,7 +41,7 @@ class CaptionScorer:
         dtype = parse_dtype(settings.dtype or ("float16" if device.type == "cuda" else "float32"))
         self.comps = load_components(settings.model, dtype=dtype, device=device, with_vae=False)
         self.scorer = make_scorer(self.comps.unet, self.comps.scheduler, preset=settings.preset)
-        self.encoder = PromptEncoder(self.comps.tokenizer, self.comps.text_encoder, device=device)
+        self.encoder = prompt_encoder(self.comps, device=device)
         self.settings = settings
 
     def __call__(self, captions: list[str]) -> dict[str, tuple[float, float, float]]:

@@ -29,7 +29,7 @@ from memreg.commands.common import (add_runtime_arguments, check_out_keeps, devi
                                     resolve_weights, versions)
 from memreg.detect import (MEM_LABEL, NONMEM_LABEL, OUTPUT_FILES, DETECT_TERMS, DetectError, ScoredPrompts, build_report,
                            fit_weights, format_table, merge_parts, score_prompts, write_outputs)
-from memreg.encoding import PromptEncoder
+from memreg.families import family_of, prompt_encoder
 from memreg.metrics import detection_metrics
 from memreg.models import check_model_path, load_components
 from memreg.score import NOISE_MODES, PRESETS, SPACES, AnisotropyScore
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                                  g1=g1, g2=g2, space=args.space)
     except ValueError as e:
         raise DetectError(str(e)) from None
-    encoder = PromptEncoder(comps.tokenizer, comps.text_encoder, device=device)
+    encoder = prompt_encoder(comps, device=device)
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     prompts = mem.prompts + nonmem.prompts
@@ -156,12 +156,17 @@ def run(args: argparse.Namespace) -> int:
         fitted = fit_weights(res.norm, res.align, labels, folds=args.cv_folds)
     report = build_report(args, mem, nonmem, res, scorer, encoder, metrics, fitted, preset, seeds, dtype, device,
                           load_s, versions())
+    family = family_of(comps)
+    report["model_family"] = {"name": family.name, "label": family.label,
+                              "score_weights_validated": family.preset_validated, "note": family.preset_note or None}
     if state is not None:
         report["settings"]["shard_size"] = shard_size(args)
         report["timing"]["processes"] = state.num_processes
 
     write_outputs(out, prompts, labels, res, fitted, report, args.model)
     print(format_table(report))
+    if not family.preset_validated:
+        print(f"note: {family.preset_note}")
     print(f"wrote {out / 'scores.jsonl'}, {out / 'report.json'}, {out / 'roc.png'}")
     return 0
 

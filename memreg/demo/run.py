@@ -6,11 +6,11 @@
    procedural scenes only, so the demo fine-tunes a model that already works, as real users do.
 2. From that base, with the same data, seed and steps, one fine-tune per entry of ``runs:``
    through :func:`memreg.training.loop.train`, with the periodic memorization monitor on
-   (TensorBoard logs under ``runs/<name>``): full fine-tuning of the UNet with every guard
-   (``none``, ``penalty``, ``wen_filter``, ``caption_noise``, ``agc``), the penalty at another
-   weight (the trade-off plot), and LoRA rows (``lora_none``, ``lora_penalty``); on ``none`` also
-   inference-time mitigation (:mod:`memreg.demo.mitigation`). ``workers: n`` runs n of them at once
-   (:func:`run_all`).
+   (TensorBoard logs under ``runs/<name>``): full fine-tuning of the UNet (``none``, the guard
+   ``penalty``, the strongest baseline ``wen_filter``; any guard of the registry can be a run) and
+   LoRA rows (``lora_none``, ``lora_penalty``); then on ``none`` inference-time mitigation
+   (:mod:`memreg.demo.mitigation`) and, on the runs of ``attack.runs``, the extraction attack
+   (:mod:`memreg.demo.attack`). ``workers: n`` runs n tasks at once (:func:`run_all`).
 3. Each fine-tuned model is measured (:mod:`memreg.demo.evaluate`); targets are computed, a table
    is printed, and ``results.json``, ``tradeoff.png`` (:mod:`memreg.demo.tradeoff`) and
    ``report.html`` (``memreg report``, the trade-off plot on top) are written.
@@ -26,9 +26,10 @@ import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -356,34 +357,53 @@ def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], lis
 
 
 def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, threads: int | None = None) -> dict:
-    """Fine-tune run ``name``, measure the model and save its sample grid; on ``none`` also the
-    inference-time mitigation (``_mitigation`` in the returned row). ``threads``: torch's CPU threads
-    for this process (a worker of :func:`run_all`)."""
+    """Fine-tune run ``name``, measure the model and save its sample grid. ``threads``: torch's CPU
+    threads for this process (a worker of :func:`run_all`)."""
     if threads:
         torch.set_num_threads(threads)
     logger.info("=== fine-tuning run %s ===", name)
     result, train_s = finetune(settings, name, base, data_root, out / "runs" / name)
     comps = _load_model(base, out / "runs" / name)
-    train_images, memorized, heldout, scene_captions = load_eval_inputs(data_root)
-    detector = build_copy_detector("ssim")
-    ev = evaluate_model(comps, comps.unet, detector, memorized, train_images, heldout,
+    train_images, memorized, heldout, _ = load_eval_inputs(data_root)
+    ev = evaluate_model(comps, comps.unet, build_copy_detector("ssim"), memorized, train_images, heldout,
                         FinalEvalSettings(**settings["final"]))
     _save_images(ev.pop("_images"), out / f"samples_{name}.png")
     over = run_overrides(settings, name)
-    row = dict(ev, mode=over.get("mode", "lora"), guard=guard_spec(over["guard.type"]).name, weight=_penalty_weight(over),
-               train_s=train_s, step_time_s=_mean_step_time(result), detection=_final_detection(out / "runs" / name),
-               final_guard_report=result.final_report)
-    attack = AttackEvalSettings(**settings["attack"])
-    if name in attack.runs:
-        logger.info("=== extraction attack on run %s ===", name)
-        data_cfg = DemoDataConfig(**settings["data"])
-        row["attack"] = evaluate_attack(comps, detector, memorized, data_cfg.resolution, data_cfg.seed, attack)
-        _save_images(row["attack"].pop("_images"), out / f"attack_{name}.png")
-    if name == "none":
-        logger.info("=== inference-time mitigation on run none ===")
-        row["_mitigation"] = evaluate_mitigation(comps, comps.unet, detector, memorized, heldout, scene_captions,
-                                                 MitigationEvalSettings(**settings["mitigation"]))
-    return row
+    return dict(ev, mode=over.get("mode", "lora"), guard=guard_spec(over["guard.type"]).name,
+                weight=_penalty_weight(over), train_s=train_s, step_time_s=_mean_step_time(result),
+                detection=_final_detection(out / "runs" / name), final_guard_report=result.final_report)
+
+
+def attack_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, threads: int | None = None) -> dict:
+    """The extraction attack on the fine-tuned model of run ``name`` (its grid: ``attack_<name>.png``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    logger.info("=== extraction attack on run %s ===", name)
+    comps = _load_model(base, out / "runs" / name)
+    _, memorized, _, _ = load_eval_inputs(data_root)
+    data_cfg = DemoDataConfig(**settings["data"])
+    res = evaluate_attack(comps, build_copy_detector("ssim"), memorized, data_cfg.resolution, data_cfg.seed,
+                          AttackEvalSettings(**settings["attack"]))
+    _save_images(res.pop("_images"), out / f"attack_{name}.png")
+    return res
+
+
+def mitigate_none(settings: dict, name: str, base: Path, data_root: Path, out: Path,
+                  threads: int | None = None) -> dict:
+    """Inference-time mitigation (:mod:`memreg.demo.mitigation`) on the fine-tuned model of run ``name``."""
+    if threads:
+        torch.set_num_threads(threads)
+    logger.info("=== inference-time mitigation on run %s ===", name)
+    comps = _load_model(base, out / "runs" / name)
+    _, memorized, heldout, scene_captions = load_eval_inputs(data_root)
+    return evaluate_mitigation(comps, comps.unet, build_copy_detector("ssim"), memorized, heldout, scene_captions,
+                               MitigationEvalSettings(**settings["mitigation"]))
+
+
+def follow_ups(settings: dict, name: str) -> list[tuple[str, Callable]]:
+    """What runs on run ``name``'s model once it is trained: (result key, task) pairs."""
+    tasks = [("attack", attack_one)] if name in AttackEvalSettings(**settings["attack"]).runs else []
+    return tasks + ([("mitigation", mitigate_none)] if name == "none" else [])
 
 
 def _worker_init() -> None:
@@ -398,21 +418,44 @@ def run_all(settings: dict, base: Path, data_root: Path, out: Path) -> tuple[dic
     threads each finish the runs sooner than one job with all of them. A run's numbers
     depend on its thread count, never on which runs share the machine; its step time does (each
     run then shares the memory bus with another), so the cost targets are measured side by side by
-    ``scripts/bench_train.py``. The longest runs (LoRA, ``none`` with its mitigation) start first.
+    ``scripts/bench_train.py``. The longest runs (LoRA, ``none``) start first; each trained model's
+    follow-ups (:func:`follow_ups`: the attack, the mitigation) queue behind the fine-tunes, so the
+    short tasks fill the workers at the end instead of one long job running alone.
     """
     names = list(settings["runs"])
     workers = max(1, min(int(settings.get("workers", 1)), len(names)))
+    rows: dict[str, dict] = {}
+    mitigation = None
+
+    def keep(name: str, key: str, value: dict) -> None:
+        nonlocal mitigation
+        if key == "mitigation":
+            mitigation = value
+        else:
+            rows[name][key] = value
+
     if workers == 1:
-        rows = {n: run_one(settings, n, base, data_root, out) for n in names}
+        for n in names:
+            rows[n] = run_one(settings, n, base, data_root, out)
+            for key, task in follow_ups(settings, n):
+                keep(n, key, task(settings, n, base, data_root, out))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         first = sorted(names, key=lambda n: not (n == "none" or run_overrides(settings, n).get("mode") == "lora"))
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            futures = {n: pool.submit(run_one, settings, n, base, data_root, out, threads) for n in first}
-            rows = {n: futures[n].result() for n in names}
-    mitigation = rows["none"].pop("_mitigation", None) if "none" in rows else None
-    return rows, mitigation
+            pending = {pool.submit(run_one, settings, n, base, data_root, out, threads): (n, None) for n in first}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    n, key = pending.pop(fut)
+                    if key is None:
+                        rows[n] = fut.result()
+                        for k, task in follow_ups(settings, n):
+                            pending[pool.submit(task, settings, n, base, data_root, out, threads)] = (n, k)
+                    else:
+                        keep(n, key, fut.result())
+    return {n: rows[n] for n in names}, mitigation
 
 
 def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None) -> dict:

@@ -5,7 +5,7 @@ One optimizer micro-step, seen from the loop (memreg's trainer or your own)::
     captions = guard.captions(captions)                  # may rewrite captions (caption noise)
     embeds = guard.embeds(encode(captions))              # may perturb the text embeddings
     extra = guard.extra_inputs(step, embeds, captions)   # UNet inputs to fuse into the forward, or None
-    out = unet(*concat_inputs((noisy, timesteps, embeds), extra))
+    out = denoise(unet, *concat_inputs((noisy, timesteps, embeds), extra)).sample   # memreg.families.denoise
     model_pred, extra_out = split_output(out, bsz)
     per_sample = mse(model_pred, target).mean((1, 2, 3))  # (B,), with any SNR weighting
     result = guard.loss(GuardBatch(step, noisy, timesteps, embeds, model_pred, per_sample, extra_out,
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from memreg.encoding import PromptEncoder
+from memreg.families import cat_conditioning, denoise
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -48,8 +49,9 @@ class GuardContext:
 
     unet: Any                                   # the unwrapped UNet being trained
     noise_scheduler: Any
-    encode: Callable[[list[str]], Tensor]       # captions -> (n, L, D) text embeddings
-    uncond: Callable[[], Tensor]                # () -> (1, L, D) empty-prompt embedding (current text encoder)
+    # captions -> (n, L, D) text embeddings, or the family's memreg.families.Conditioning (SDXL: + added inputs)
+    encode: Callable[[list[str]], Tensor]
+    uncond: Callable[[], Tensor]                # () -> (1, L, D) empty-prompt conditioning (current text encoder)
     latent_shape: tuple[int, int, int]          # (C, H, W) of the training latents
     prediction_type: str | None = None          # None: the scheduler's
     tokenizer: Any = None
@@ -75,10 +77,12 @@ class GuardContext:
             self.prediction_type = self.noise_scheduler.config.prediction_type
 
     @classmethod
-    def for_models(cls, unet, noise_scheduler, tokenizer, text_encoder, latent_shape, **kw) -> "GuardContext":
+    def for_models(cls, unet, noise_scheduler, tokenizer, text_encoder, latent_shape, encoder=None,
+                   **kw) -> "GuardContext":
         """A context for your own loop: captions encoded as SD pipelines do (padded to the
-        tokenizer's max length, last hidden state); ``kw``: any other field."""
-        enc = PromptEncoder(tokenizer, text_encoder)
+        tokenizer's max length, last hidden state), or by ``encoder`` (another family's, e.g.
+        ``memreg.families.prompt_encoder(components)`` for SDXL); ``kw``: any other field."""
+        enc = encoder if encoder is not None else PromptEncoder(tokenizer, text_encoder)
         return cls(unet=unet, noise_scheduler=noise_scheduler, encode=lambda caps: enc(caps), uncond=enc.uncond,
                    latent_shape=tuple(latent_shape), tokenizer=tokenizer, **kw)
 
@@ -98,8 +102,8 @@ class GuardContext:
         the run's autocast; grad as the caller has it."""
         unet = self.unet if unet is None else unet
         with self.autocast():
-            return unet(sample.to(self.weight_dtype), timesteps, encoder_hidden_states=embeds.to(self.weight_dtype),
-                        return_dict=False)[0]
+            return denoise(unet, sample.to(self.weight_dtype), timesteps, embeds.to(self.weight_dtype),
+                           return_dict=False)[0]
 
     @contextmanager
     def reference_unet(self):
@@ -122,7 +126,7 @@ class ExtraInputs:
 
     sample: Tensor
     timesteps: Tensor
-    embeds: Tensor
+    embeds: Tensor                # or a Conditioning (its added inputs travel with its rows)
     checkpointing: bool = False   # recompute activations in backward on this step (bounds peak memory)
 
 
@@ -150,12 +154,13 @@ class GuardLoss:
 
 
 def concat_inputs(base: tuple[Tensor, Tensor, Tensor], extra: ExtraInputs | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sample, timesteps, embeds)`` of the training batch with the guard's extra inputs appended."""
+    """``(sample, timesteps, embeds)`` of the training batch with the guard's extra inputs appended
+    (a family's added conditioning, e.g. SDXL's pooled embeddings and time ids, appended row for row)."""
     if extra is None:
         return base
     sample, t, embeds = base
     return (torch.cat([sample, extra.sample.to(sample.dtype)]), torch.cat([t, extra.timesteps.to(t.device)]),
-            torch.cat([embeds, extra.embeds.to(embeds.dtype)]))
+            cat_conditioning([embeds, extra.embeds.to(embeds.dtype)]))
 
 
 def split_output(out: Tensor, batch_size: int) -> tuple[Tensor, Tensor | None]:

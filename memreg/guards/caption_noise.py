@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from memreg.config_schema import ConfigError
+from memreg.families import embeds_of, with_embeds
 from memreg.guards.base import Guard, GuardContext
 
 
@@ -82,7 +83,8 @@ class CaptionNoise:
     def embeds(self, embeds: Tensor) -> Tensor:
         if self.embed_noise <= 0:
             return embeds
-        return embeds + self.embed_noise * torch.randn_like(embeds)
+        e = embeds_of(embeds)   # the text embeddings; a family's added conditioning is left as it is
+        return with_embeds(embeds, e + self.embed_noise * torch.randn_like(e))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

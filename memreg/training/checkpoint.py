@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,14 +43,14 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as accelerate_load
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import CLIPTextModel
 from safetensors.torch import load_file, save_file
 
 from memreg.errors import DiskFullError, MemregError, is_disk_full, one_line
+from memreg.families import family_named, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -518,47 +519,59 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
     return grab(unet), (grab(text_encoder) if text_encoder is not None else None)
 
 
-def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """A1111/ComfyUI (kohya) keys: ``lora_unet_*.lora_down/lora_up.weight`` + ``*.alpha``."""
+def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None, text_encoder_2=None,
+                     family=None) -> dict[str, torch.Tensor]:
+    """A1111/ComfyUI (kohya) keys: ``lora_unet_*.lora_down/lora_up.weight`` + ``*.alpha``; text
+    encoders as the family names them (SD 1.x/2.x ``lora_te_``, SDXL ``lora_te1_``/``lora_te2_``)."""
+    family = family or family_named("sd1")
     peft_sd = {f"unet.{k}": v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(unet).items()}
-    if text_encoder is not None:
-        peft_sd.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float32)
-                        for k, v in get_peft_model_state_dict(text_encoder).items()})
+    for prefix, enc in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if enc is not None:
+            peft_sd.update({f"{prefix}.{k}": v.detach().to("cpu", torch.float32)
+                            for k, v in get_peft_model_state_dict(enc).items()})
     kohya = convert_state_dict_to_kohya(peft_sd)
     out = {}
     for k, v in kohya.items():
-        k = k.replace("lora_te1_", "lora_te_")  # SD1.x/2.x have one text encoder: A1111 expects lora_te_
+        k = family.kohya_key(k)
         if k.endswith(".alpha") and lora_alpha is not None:
             v = torch.tensor(float(lora_alpha))
         out[k] = v.contiguous()
     return out
 
 
-def save_lora(output_dir: str | Path, unet, text_encoder=None, kohya: bool = True) -> dict[str, Path]:
-    """Write the diffusers LoRA file (+ kohya copy); returns the paths written."""
+def save_lora(output_dir: str | Path, unet, text_encoder=None, kohya: bool = True, text_encoder_2=None,
+              family=None) -> dict[str, Path]:
+    """Write the diffusers LoRA file (+ kohya copy) with the family's pipeline class (its
+    ``load_lora_weights`` reads it back: SD 1.x/2.x ``StableDiffusionPipeline``, SDXL
+    ``StableDiffusionXLPipeline``, whose second text encoder is ``text_encoder_2``); returns the paths written."""
+    family = family or family_named("sd1")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
     unet_meta = unet.peft_config["default"].to_dict()
     te_meta = text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
-    StableDiffusionPipeline.save_lora_weights(
+    extra = {}
+    if text_encoder_2 is not None:
+        extra = {"text_encoder_2_lora_layers": lora_state_dicts(text_encoder_2)[0],
+                 "text_encoder_2_lora_adapter_metadata": text_encoder_2.peft_config["default"].to_dict()}
+    family.pipeline_class().save_lora_weights(
         save_directory=str(output_dir), unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
         safe_serialization=True, unet_lora_adapter_metadata=unet_meta,
-        text_encoder_lora_adapter_metadata=te_meta)
+        text_encoder_lora_adapter_metadata=te_meta, **extra)
     written = {"diffusers": output_dir / LORA_WEIGHT_NAME}
     if kohya:
         alpha = unet_meta.get("lora_alpha")
         rank = unet_meta.get("r")
-        save_file(kohya_state_dict(unet, text_encoder, alpha), str(output_dir / KOHYA_WEIGHT_NAME),
+        save_file(kohya_state_dict(unet, text_encoder, alpha, text_encoder_2, family), str(output_dir / KOHYA_WEIGHT_NAME),
                   metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                             "ss_network_alpha": str(alpha), "format": "pt"})
         written["kohya"] = output_dir / KOHYA_WEIGHT_NAME
     return written
 
 
-def load_lora_into(input_dir: str | Path, unet, text_encoder=None) -> None:
+def load_lora_into(input_dir: str | Path, unet, text_encoder=None, text_encoder_2=None, family=None) -> None:
     """Load a checkpoint's diffusers LoRA file back into peft-adapted models (exact copy)."""
-    lora_sd, _ = StableDiffusionPipeline.lora_state_dict(str(input_dir))
+    lora_sd, _ = (family or family_named("sd1")).pipeline_class().lora_state_dict(str(input_dir))
     unet_sd = {k[len("unet."):]: v for k, v in lora_sd.items() if k.startswith("unet.")}
     unet_sd = convert_unet_state_dict_to_peft(unet_sd)
     result = set_peft_model_state_dict(unet, unet_sd, adapter_name="default")
@@ -567,15 +580,18 @@ def load_lora_into(input_dir: str | Path, unet, text_encoder=None) -> None:
         raise CheckpointError(f"checkpoint {str(input_dir)!r}: unexpected LoRA keys {unexpected[:5]}")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(lora_sd, prefix="text_encoder.", text_encoder=text_encoder)
+    if text_encoder_2 is not None:
+        _set_state_dict_into_text_encoder(lora_sd, prefix="text_encoder_2.", text_encoder=text_encoder_2)
 
 
 # --------------------------------------------------------------------------- hooks
 
 def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
-                   guard_objects: dict[str, Any] | None = None) -> None:
+                   guard_objects: dict[str, Any] | None = None, text_encoder_2=None, family=None) -> None:
     """Save/load hooks for ``accelerator.save_state``/``load_state``.
 
-    ``unet``/``text_encoder``: the unwrapped trainable models (text_encoder only when trained).
+    ``unet``/``text_encoder``/``text_encoder_2``: the unwrapped trainable models (the text encoders
+    only when trained; the second is SDXL's); ``family``: whose LoRA format (default SD 1.x).
     """
     guard_objects = guard_objects or {}
 
@@ -585,17 +601,20 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
             return "unet"
         if text_encoder is not None and m is text_encoder:
             return "text_encoder"
+        if text_encoder_2 is not None and m is text_encoder_2:
+            return "text_encoder_2"
         return None
 
     def save_hook(models, weights, output_dir):
         handled = [i for i, m in enumerate(models) if _which(m) is not None]
         if accelerator.is_main_process:
             if mode == "lora":
-                save_lora(output_dir, unet, text_encoder, kohya=False)
+                save_lora(output_dir, unet, text_encoder, kohya=False, text_encoder_2=text_encoder_2, family=family)
             else:
                 unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-                if text_encoder is not None:
-                    text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
+                for sub, enc in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+                    if enc is not None:
+                        enc.save_pretrained(os.path.join(output_dir, sub), safe_serialization=True)
                 if ema is not None:
                     ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
         for i in sorted(handled, reverse=True):
@@ -607,14 +626,15 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
         for i in sorted((i for i, m in enumerate(models) if _which(m) is not None), reverse=True):
             models.pop(i)
         if mode == "lora":
-            load_lora_into(input_dir, unet, text_encoder)
+            load_lora_into(input_dir, unet, text_encoder, text_encoder_2, family)
         else:
             loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
             unet.register_to_config(**loaded.config)
             unet.load_state_dict(loaded.state_dict())
             del loaded
-            if text_encoder is not None:
-                text_encoder.load_state_dict(CLIPTextModel.from_pretrained(input_dir, subfolder="text_encoder").state_dict())
+            for sub, enc in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+                if enc is not None:
+                    enc.load_state_dict(type(enc).from_pretrained(input_dir, subfolder=sub).state_dict())
             if ema is not None:
                 loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
                 ema.load_state_dict(loaded_ema.state_dict())
@@ -629,10 +649,15 @@ def register_hooks(accelerator, mode: str, unet, text_encoder=None, ema=None,
 # --------------------------------------------------------------------------- full pipeline
 
 def save_full_pipeline(output_dir: str | Path, model: str, unet, text_encoder, vae, tokenizer,
-                       revision: str | None = None, variant: str | None = None) -> Path:
-    """A diffusers StableDiffusionPipeline dir (safetensors) with the trained UNet."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, revision=revision, variant=variant)
+                       revision: str | None = None, variant: str | None = None, components=None) -> Path:
+    """A diffusers pipeline dir (safetensors) of the model's family with the trained UNet (and text
+    encoders, and the run's VAE); ``components``: the run's (SDXL: its second text encoder)."""
+    family = family_of(components) if components is not None else family_named("sd1")
+    parts = {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
+    if components is not None:
+        parts = family.pipeline_parts(dataclasses.replace(components, **parts))
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = family.pipeline_class().from_pretrained(model, **parts, revision=revision, variant=variant)
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     return Path(output_dir)

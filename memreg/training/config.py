@@ -46,6 +46,8 @@ class TrainConfig:
     pretrained_model_name_or_path: Union[str, None] = None
     revision: Union[str, None] = None
     variant: Union[str, None] = None
+    # a VAE of its own (diffusers' SDXL scripts' flag, e.g. the fp16-fix VAE): a dir or hub id with the VAE at its root
+    pretrained_vae_model_name_or_path: Union[str, None] = None
     prediction_type: Union[str, None] = None
     mode: str = "lora"                    # lora | full
     train_text_encoder: bool = False
@@ -221,6 +223,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set only one of dataset_name and train_data_dir")
     if cfg.pretrained_model_name_or_path is None:
         raise ConfigError("pretrained_model_name_or_path is required")
+    vae = cfg.pretrained_vae_model_name_or_path
+    if vae is not None and not Path(vae).is_dir() and (vae.startswith((".", "/", "~")) or vae.count("/") != 1):
+        raise ConfigError(f"pretrained_vae_model_name_or_path {vae!r}: no such directory, and not a hub id owner/name")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
@@ -270,9 +275,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
 
 
+# eval keys the guard reads too (the run's item index), so they act with the monitor off
+GUARD_EVAL_KEYS = ("eval.enabled", "eval.dup_min_count", "eval.duplicates_from", "eval.item_clusters",
+                   "eval.item_clusters_dir")
+
+
 def warn_inactive_eval_keys(cfg: TrainConfig, given: list[str]) -> list[str]:
     """Log a warning naming the ``eval.*`` keys given while the monitor is off (they do nothing)."""
-    inactive = sorted({k for k in given if k.startswith("eval.") and k != "eval.enabled"})
+    inactive = sorted({k for k in given if k.startswith("eval.") and k not in GUARD_EVAL_KEYS})
     if inactive and not cfg.eval.enabled:
         logger.warning("eval.enabled is false, so the memorization monitor is off and these keys have no effect: "
                        "%s (set eval.enabled: true to monitor)", ", ".join(inactive))

@@ -41,6 +41,7 @@ import torch
 
 from memreg import image_ops
 from memreg.errors import MemregError, one_line
+from memreg.families.sdxl import flipped_crop_left
 from memreg.image_io import ImageDecodeError, load_rgb, open_image
 from memreg.imagefolder import MetadataError, check_imagefolder
 from memreg.training import captions as caption_aug
@@ -276,14 +277,19 @@ class TrainDataset(torch.utils.data.Dataset):
             which = 1 if flip else 0
             return {"latent_mean": self.latent_cache["mean"][slot, which],
                     "latent_std": self.latent_cache["std"][slot, which],
-                    "caption": caption, "source_caption": source, "index": index}
+                    "caption": caption, "source_caption": source, "index": index,
+                    "original_size": tuple(self.latent_cache["original_size"][slot].tolist()),
+                    "crop_top_left": tuple(self.latent_cache["crop_top_left"][slot, which].tolist())}
         ref = self.data.refs[index]
         try:
             img = load_rgb(ref)
         except ImageDecodeError as e:
             raise CorruptImageError(f"image {_describe(ref, index)} could not be decoded: {e}") from None
-        pixels = image_ops.preprocess(img, self.resolution, self.center_crop, flip, rng)
-        return {"pixel_values": pixels, "caption": caption, "source_caption": source, "index": index}
+        pixels, original, (top, left) = image_ops.preprocess_with_crop(img, self.resolution, self.center_crop, flip, rng)
+        if flip:   # the crop's left edge as diffusers' SDXL scripts record it for a flipped image
+            left = flipped_crop_left(left, self.resolution)
+        return {"pixel_values": pixels, "caption": caption, "source_caption": source, "index": index,
+                "original_size": original, "crop_top_left": (top, left)}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -325,6 +331,9 @@ def collate(examples: list[dict]) -> dict:
     else:
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
         batch["latent_std"] = torch.stack([e["latent_std"] for e in examples])
+    # SDXL's size and crop conditioning: (B, 2) (height, width) before resizing and (top, left) of the crop
+    batch["original_size"] = torch.tensor([e["original_size"] for e in examples], dtype=torch.long)
+    batch["crop_top_left"] = torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long)
     return batch
 
 
@@ -339,15 +348,19 @@ def make_dataloader(dataset: TrainDataset, batch_size: int, num_workers: int, se
 @torch.no_grad()
 def build_latent_cache(data: TrainData, vae, resolution: int, random_flip: bool, device, dtype,
                        batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Encode every training image once: mean/std of shape (N, 2, C, h, w) (orientation 1 = flipped)."""
+    """Encode every training image once: mean/std of shape (N, 2, C, h, w) (orientation 1 = flipped),
+    and each image's ``original_size`` (N, 2) and centre ``crop_top_left`` (N, 2, 2) per orientation."""
     idx = data.train_idx
     slot = {i: s for s, i in enumerate(idx)}
-    means, stds = [], []
+    means, stds, sizes, crops = [], [], [], []
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
         pix = []
         for i in chunk:
-            pix.append(image_ops.preprocess(load_rgb(data.refs[i]), resolution, True, False))
+            x, original, (top, left) = image_ops.preprocess_with_crop(load_rgb(data.refs[i]), resolution, True, False)
+            pix.append(x)
+            sizes.append(original)
+            crops.append([(top, left), (top, flipped_crop_left(left, resolution))])
         x = torch.stack(pix)
         views = [x, torch.flip(x, dims=[3])] if random_flip else [x]
         m_v, s_v = [], []
@@ -363,7 +376,9 @@ def build_latent_cache(data: TrainData, vae, resolution: int, random_flip: bool,
     slots = torch.full((max(idx) + 1 if idx else 0,), -1, dtype=torch.long)
     for i, s in slot.items():
         slots[i] = s
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "slot": slots}
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "slot": slots,
+            "original_size": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+            "crop_top_left": torch.tensor(crops, dtype=torch.long).reshape(-1, 2, 2)}
 
 
 def num_update_steps_per_epoch(num_batches: int, grad_accum: int) -> int:

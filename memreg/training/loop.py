@@ -16,6 +16,7 @@ optimizer step) -> ``_finish``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,15 +36,15 @@ from tqdm.auto import tqdm
 
 from memreg import log_tags as tags
 from memreg.duplicates import find_duplicates
-from memreg.encoding import PromptEncoder
+from memreg.families import denoise, family_of, prompt_encoder
 from memreg.guards import Guard, GuardBatch, GuardContext, build_guard, concat_inputs, split_output
 from memreg.guards.anisotropy_gate.reference import duplicated_captions
-from memreg.models import SDComponents
 from memreg.monitor import MemorizationMonitor
 from memreg.training import checkpoint as ckpt
 from memreg.training import data as data_mod
 from memreg.training import finite
 from memreg.training.config import TrainConfig, flat_dict, save_config
+from memreg.training.item_clusters import build_item_index, cache_root
 from memreg.training.metrics import StepTimer, peak_memory_mb
 from memreg.training.output_dir import claim_output_dir
 from memreg.training.setup import check_prediction_type, clip_trainable_grads, move_model, setup_models
@@ -138,7 +139,7 @@ class _Run:
     accelerator: Any
     models: Any
     data: Any
-    encoder: PromptEncoder
+    encoder: Any                        # the family's prompt encoder (memreg.families.prompt_encoder)
     prediction_type: str
     meter: Any = None
     dataset: Any = None
@@ -169,11 +170,21 @@ class _Run:
             self._records = self.data.records("train")
         return self._records
 
-    def dup_index(self):
-        """The run's one duplicate index of the training images (pixel hashes, or the audit's clusters
-        with ``eval.duplicates_from``), shared by the guard and the monitor: hashed once per run."""
+    def dup_index(self, collective: bool = False):
+        """The run's one item index of the training images, shared by the guard and the monitor: the
+        audit's clusters with ``eval.duplicates_from``, else ``eval.item_clusters`` (near-duplicate
+        clusters or pixel hashes, :mod:`memreg.training.item_clusters`, cached). ``collective``: every
+        process calls this together and hashes its share; otherwise this process builds it alone."""
         if self._dup_index is None:
-            self._dup_index = find_duplicates(self.train_records(), clusters_from=self.cfg.eval.duplicates_from)
+            e, acc = self.cfg.eval, self.accelerator
+            if e.duplicates_from:
+                self._dup_index = find_duplicates(self.train_records(), clusters_from=e.duplicates_from)
+            else:
+                self._dup_index = build_item_index(
+                    [self.data.refs[i] for i in self.data.train_idx], cache_root(e, self.cfg.output_dir),
+                    kind=e.item_clusters, ids=self.data.train_idx, progress=acc.is_main_process,
+                    rank=acc.process_index if collective else 0, world=acc.num_processes if collective else 1,
+                    barrier=acc.wait_for_everyone if collective else None)
         return self._dup_index
 
     def item_keys(self) -> torch.Tensor:
@@ -197,7 +208,7 @@ class _Run:
         if checkpointing:
             unet.enable_gradient_checkpointing()
         try:
-            return self.unet_p(sample, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            return denoise(self.unet_p, sample, timesteps, embeds, return_dict=False)[0]
         finally:
             if checkpointing:
                 unet.disable_gradient_checkpointing()
@@ -209,9 +220,11 @@ def _train(cfg, accelerator, seed, resume_path, model_prediction_type, meter=Non
     models = setup_models(cfg, accelerator.device, accelerator.mixed_precision)
     run = _Run(cfg=cfg, accelerator=accelerator, models=models, data=data, prediction_type=model_prediction_type,
                meter=meter,
-               encoder=PromptEncoder(models.tokenizer, models.text_encoder, accelerator.device))
+               encoder=prompt_encoder(models.components, accelerator.device, image_size=cfg.resolution))
     _build_loader(run, seed)
     run.guard = build_guard(cfg.guard, _guard_context(run))
+    if cfg.eval.enabled or run.guard.uses_items:
+        run.dup_index(collective=True)      # before the first step, on every process: the hashing is sharded
     if accelerator.is_main_process:
         logger.info("%s; batch %d", run.guard.describe(), cfg.train_batch_size)
     _prepare(run)
@@ -299,18 +312,21 @@ def _prepare(run: _Run) -> None:
                                  num_training_steps=run.max_steps * acc.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     if m.train_text_encoder:
-        run.unet_p, run.te_p, run.optimizer, run.dataloader, run.lr_scheduler = acc.prepare(
-            m.unet, m.text_encoder, optimizer, run.dataloader, lr_scheduler)
-        run.trained_models = [run.unet_p, run.te_p]
+        run.unet_p, *tes, run.optimizer, run.dataloader, run.lr_scheduler = acc.prepare(
+            m.unet, *m.text_encoders, optimizer, run.dataloader, lr_scheduler)
+        run.te_p = tes[0] if len(tes) == 1 else tuple(tes)   # SDXL: the pair its encoder takes
+        run.trained_models = [run.unet_p, *tes]
     else:
         run.unet_p, run.optimizer, run.dataloader, run.lr_scheduler = acc.prepare(
             m.unet, optimizer, run.dataloader, lr_scheduler)
-        run.te_p = m.text_encoder
+        run.te_p = m.text_encoder if len(m.text_encoders) == 1 else tuple(m.text_encoders)
         run.trained_models = [run.unet_p]
     run.per_epoch = math.ceil(len(run.dataloader) / cfg.gradient_accumulation_steps)
     run.num_epochs = math.ceil(run.max_steps / run.per_epoch)
     ckpt.register_hooks(acc, cfg.mode, m.unet, m.text_encoder if m.train_text_encoder else None, m.ema,
-                        {run.guard.state_key: run.guard})
+                        {run.guard.state_key: run.guard},
+                        text_encoder_2=m.text_encoder_2 if m.train_text_encoder else None,
+                        family=family_of(m.components))
 
 
 def _start_outputs(run: _Run) -> None:
@@ -334,8 +350,8 @@ def _build_monitor(run: _Run):
     if not (run.cfg.eval.enabled and run.accelerator.is_main_process):
         return None
     m = run.models
-    comps = SDComponents(tokenizer=m.tokenizer, text_encoder=m.text_encoder, unet=m.unet, vae=m.vae,
-                         scheduler=m.noise_scheduler, model=run.cfg.pretrained_model_name_or_path)
+    comps = dataclasses.replace(m.components, tokenizer=m.tokenizer, text_encoder=m.text_encoder, unet=m.unet,
+                                vae=m.vae, scheduler=m.noise_scheduler, model=run.cfg.pretrained_model_name_or_path)
     return MemorizationMonitor(run.cfg.eval, components=comps, train_records=run.train_records(),
                                heldout_records=run.data.records("heldout"), accelerator=run.accelerator,
                                output_dir=run.cfg.output_dir, dup_index=run.dup_index())
@@ -446,7 +462,7 @@ def _stop_if_nonfinite(run: _Run, window: "_Window", grad_norm: float | None) ->
 
 def _check_weights(run: _Run, what: str) -> None:
     """Refuse to write ``what`` (a checkpoint, the final weights) from weights holding NaN or infinity."""
-    models = [run.models.unet] + ([run.models.text_encoder] if run.models.train_text_encoder else [])
+    models = [run.models.unet] + (run.models.text_encoders if run.models.train_text_encoder else [])
     name = finite.first_nonfinite_param((n, p) for m in models for n, p in m.named_parameters() if p.requires_grad)
     if name is not None:
         raise finite.NonFiniteError(
@@ -495,15 +511,18 @@ def _finish(run: _Run, result: TrainResult) -> None:
         if cfg.mode == "full":
             if m.ema is not None:
                 m.ema.copy_to(m.unet.parameters())
-            for mod in (m.unet, m.text_encoder, m.vae):
+            for mod in (m.unet, *m.text_encoders, m.vae):
                 move_model(mod, acc.device, torch.float32)
 
         def write(directory: Path) -> None:
             if cfg.mode == "lora":
-                ckpt.save_lora(directory, m.unet, m.text_encoder if m.train_text_encoder else None)
+                ckpt.save_lora(directory, m.unet, m.text_encoder if m.train_text_encoder else None,
+                               text_encoder_2=m.text_encoder_2 if m.train_text_encoder else None,
+                               family=family_of(m.components))
             else:
                 ckpt.save_full_pipeline(directory, cfg.pretrained_model_name_or_path, m.unet, m.text_encoder, m.vae,
-                                        m.tokenizer, revision=cfg.revision, variant=cfg.variant)
+                                        m.tokenizer, revision=cfg.revision, variant=cfg.variant,
+                                        components=m.components)
             save_config(cfg, directory / "config.yaml")
 
         written = ckpt.write_final_outputs(cfg.output_dir, write, run.global_step)
@@ -580,6 +599,9 @@ def _micro_step(run: _Run, batch) -> _MicroOut:
     items = run.item_keys()[batch["index"].cpu()] if guard.uses_items else None
     sources = list(batch["source_caption"])
     extra = guard.extra_inputs(step, embeds, captions, items, sources)
+    # the family's per-image added conditioning (SDXL: size and crop time ids); the guard's probes keep
+    # the encoder's defaults, as their base values were computed with them
+    embeds = family_of(m.components).training_conditioning(embeds, batch, run.cfg.resolution)
     out = run.forward(*concat_inputs((noisy, timesteps, embeds), extra),
                       checkpointing=extra is not None and extra.checkpointing)
     model_pred, extra_out = split_output(out, latents.shape[0])

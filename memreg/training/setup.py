@@ -42,6 +42,11 @@ class TrainModels:
     trainable_params: list            # what the optimizer updates and the clipper clips
     train_text_encoder: bool
     ema: Any = None
+    text_encoder_2: Any = None        # SDXL's second (projected) text encoder; trained with the first
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
@@ -72,8 +77,10 @@ def move_model(model, device, dtype) -> None:
 
 def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
     comps = load_components(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                            dtype=torch.float32, device="cpu", with_vae=True)
+                            dtype=torch.float32, device="cpu", with_vae=True,
+                            vae_model=cfg.pretrained_vae_model_name_or_path)
     unet, te, vae = comps.unet, comps.text_encoder, comps.vae
+    tes = comps.text_encoders   # [te] for SD 1.x/2.x, [te, te_2] for SDXL
     wdtype = weight_dtype_for(mixed_precision)
     ema = None
     if cfg.mode == "lora":
@@ -81,19 +88,21 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
         move_model(unet, device, wdtype)
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian",
                                     target_modules=list(cfg.lora_target_modules)))
-        te.requires_grad_(False)
-        move_model(te, device, wdtype)
-        if cfg.train_text_encoder:
-            add_lora_adapter(te, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank,
-                                            init_lora_weights="gaussian",
-                                            target_modules=list(cfg.text_encoder_lora_target_modules)))
+        for enc in tes:
+            enc.requires_grad_(False)
+            move_model(enc, device, wdtype)
+            if cfg.train_text_encoder:
+                add_lora_adapter(enc, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank,
+                                                 init_lora_weights="gaussian",
+                                                 target_modules=list(cfg.text_encoder_lora_target_modules)))
         if wdtype != torch.float32:
-            cast_training_params([unet, te] if cfg.train_text_encoder else [unet], dtype=torch.float32)
+            cast_training_params([unet, *tes] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
         move_model(unet, device, torch.float32)
         unet.requires_grad_(True)
-        te.requires_grad_(cfg.train_text_encoder)
-        move_model(te, device, torch.float32 if cfg.train_text_encoder else wdtype)
+        for enc in tes:
+            enc.requires_grad_(cfg.train_text_encoder)
+            move_model(enc, device, torch.float32 if cfg.train_text_encoder else wdtype)
         if cfg.use_ema:
             ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                            model_config=unet.config)
@@ -102,19 +111,21 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
     move_model(vae, device, wdtype)
     unet.train()
     if cfg.train_text_encoder:
-        te.train()
+        for enc in tes:
+            enc.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            te.gradient_checkpointing_enable()
+            for enc in tes:
+                enc.gradient_checkpointing_enable()
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     params = [p for p in unet.parameters() if p.requires_grad]
     if cfg.train_text_encoder:
-        params += [p for p in te.parameters() if p.requires_grad]
+        params += [p for enc in tes for p in enc.parameters() if p.requires_grad]
     return TrainModels(components=comps, unet=unet, text_encoder=te, vae=vae, tokenizer=comps.tokenizer,
                        noise_scheduler=comps.scheduler, weight_dtype=wdtype, trainable_params=params,
-                       train_text_encoder=cfg.train_text_encoder, ema=ema)
+                       train_text_encoder=cfg.train_text_encoder, ema=ema, text_encoder_2=comps.text_encoder_2)
 
 
 def clip_trainable_grads(accelerator, params: list, max_norm: float | None) -> float | None:

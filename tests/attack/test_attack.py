@@ -75,3 +75,22 @@ def test_time_budget_then_resume(planted, tmp_path, capsys):
     assert run() == 0
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in parts if p != parts[1]) and parts[1].is_file()
     assert len(json.loads((out / "attack.json").read_text())["targets"]) == 4
+
+
+def test_batched_starts_follow_the_trajectories_searched_alone(planted):
+    """Two starts searched in one batched call end where each ends searched alone (same seeds)."""
+    from memreg.attack.embedding import image_latent, search_embeddings
+    from memreg.encoding import PromptEncoder
+
+    pipe = load_pipeline(str(planted["model"]))
+    enc = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    z0 = image_latent(pipe.vae, photo(MEMORIZED[0]), pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    inits = [enc.encode([MEMORIZED[1]]).embeds, enc.uncond()]
+    both = search_embeddings(pipe.unet, pipe.scheduler, z0, inits, steps=5, lr=0.05, fit_noises=3, seeds=[7, 9])
+    alone = [search_embeddings(pipe.unet, pipe.scheduler, z0, [e], steps=5, lr=0.05, fit_noises=3, seeds=[s])[0]
+             for e, s in zip(inits, (7, 9))]
+    for b, a, init in zip(both, alone, inits):
+        assert b.embeds.shape == init.shape
+        assert torch.allclose(b.embeds, a.embeds, atol=1e-5)
+        assert abs(b.loss_before - a.loss_before) < 1e-5 and abs(b.loss_after - a.loss_after) < 1e-5
+        assert not torch.equal(b.embeds, init)                     # the search moved it
