@@ -54,16 +54,17 @@ def denoising_target(scheduler, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     return z0 if kind == "sample" else noise
 
 
-def _loss(unet, scheduler, z: Tensor, emb: Tensor, t: Tensor, noise: Tensor, starts: int) -> Tensor:
-    """Sum over the ``starts`` embeddings of each one's mean denoising loss; ``z``, ``t``, ``noise`` hold
-    ``len(z) // starts`` rows per embedding, in embedding order. A sum of per-start means gives every start
-    exactly the gradient it would get alone, so one batched search equals ``starts`` separate ones."""
+def _start_losses(unet, scheduler, z: Tensor, emb: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """(K,) each embedding of ``emb`` (K, L, D)'s mean denoising loss; ``z``, ``t``, ``noise`` hold
+    ``len(z) // K`` rows per embedding, in embedding order. Their sum gives every start exactly the
+    gradient it would get alone, so one batched search equals K separate ones."""
+    k = emb.shape[0]
     dtype = next(unet.parameters()).dtype
     noisy = scheduler.add_noise(z, noise, t)
-    cond = emb.to(dtype).repeat_interleave(z.shape[0] // starts, dim=0)
+    cond = emb.to(dtype).repeat_interleave(z.shape[0] // k, dim=0)
     pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond).sample
     err = F.mse_loss(pred.float(), denoising_target(scheduler, z, noise, t).float(), reduction="none")
-    return err.reshape(starts, -1).mean(dim=1).sum()
+    return err.reshape(k, -1).mean(dim=1)
 
 
 def _pairs(z0: Tensor, per_start: int, n_t: int, gens: list[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,11 +83,7 @@ def fixed_losses(unet, scheduler, z0: Tensor, embeds: Tensor, seeds: list[int], 
     pairs fixed by its seed in ``seeds``."""
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     z, t, noise = _pairs(z0, pairs, scheduler.config.num_train_timesteps, gens)
-    dtype = next(unet.parameters()).dtype
-    pred = unet(scheduler.add_noise(z, noise, t).to(dtype), t,
-                encoder_hidden_states=embeds.to(dtype).repeat_interleave(pairs, dim=0)).sample
-    err = F.mse_loss(pred.float(), denoising_target(scheduler, z, noise, t).float(), reduction="none")
-    return err.reshape(len(seeds), -1).mean(dim=1).tolist()
+    return _start_losses(unet, scheduler, z, embeds, t, noise).tolist()
 
 
 def search_embeddings(unet, scheduler, z0: Tensor, inits: list[Tensor], steps: int, lr: float = 0.01,
@@ -107,7 +104,7 @@ def search_embeddings(unet, scheduler, z0: Tensor, inits: list[Tensor], steps: i
     with torch.enable_grad():
         for _ in range(steps):
             z, t, noise = _pairs(z0, fit_noises, n_t, gens)
-            loss = _loss(unet, scheduler, z, emb, t, noise, len(inits))
+            loss = _start_losses(unet, scheduler, z, emb, t, noise).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
