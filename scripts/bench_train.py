@@ -12,18 +12,24 @@ settings are dropped, except its small calibration size, a one-off setup cost); 
 ``--k 1 4`` adds the defaults at other probe counts (off by default: each adds a run per mode and
 repetition; the issue's targets are about the defaults only). Runs are in-process; within a mode's
 block they are interleaved (the config order rotates every repetition) after one warm-up run of
-that mode; each run trains ``1 + cycles * every_n_steps`` (the defaults') steps and the first step
-is dropped. Reported per config, as medians over repetitions, and as ratios to that mode's ``none``:
+that mode; each run trains ``1 + cycles * MEASURE_EVERY`` steps and the first step is dropped.
+The defaults' probe cadence (``every_n_steps: auto``) depends on the batch (every 16 steps at
+batch 4, 32 at batch 2), too sparse to sample in a short run, so the guard's runs probe every
+``MEASURE_EVERY`` steps, and a config's step time is the mean over its own cadence ``n``:
+``(active + (n - 1) * inactive) / n`` (a probe step costs the same whatever the cadence). Reported
+per config, as medians over repetitions, and as ratios to that mode's ``none``:
 
-* step time: mean over whole penalty cycles (so active and inactive steps are weighted as in
-  training), plus the medians of active steps (those whose log has ``guard/penalty``) and inactive;
+* step time: that cadence-weighted mean (a plain mean for configs without probes), plus the
+  medians of active steps (those whose log has ``guard/penalty``) and inactive;
 * peak memory: CPU has no allocator peak counter (CUDA's max_memory_allocated), so a thread samples
   glibc's ``mallinfo2()`` in-use heap bytes (``uordblks + hblkhd``: every live malloc'd block,
   tensor buffers included, freed memory excluded) every 0.5 ms while a run trains. ``peak MB`` =
   that peak minus the value just before the run (weights, optimizer state, data, activations; the
   libraries' own memory is excluded); ``saved MB`` = the largest autograd-saved activation total
   of a step (tensors kept for backward, parameters excluded; activation checkpointing hides
-  recomputed tensors from it).
+  recomputed tensors from it);
+* spread: (max - min) / median of a config's step time over the repetitions, the machine's noise
+  (a shared VM's speed can drift by 2x within minutes: read a ratio against it).
 
 Targets at the defaults, per mode: step time <= 1.3x, peak memory <= 1.2x the mode's ``none`` run
 (one ``targets`` line per mode; ``penalty every batch`` gets the same ratios, for information).
@@ -32,7 +38,7 @@ main() returns ``{mode: {config: {metric: median}}}``.
 At a real architecture (``--arch sd15|sd21|sdxl``): a random-weight pipeline at the published
 configuration (:mod:`memreg.arch`; ``--arch-dir`` reuses one built by scripts/make_real_arch.py),
 latent ``--latent`` (8: 64 px images), batch ``--batch`` (default 2), configs ``none`` and
-``penalty defaults`` only (``--configs`` adds others). Each run trains ``1 + cycles * every_n_steps``
+``penalty defaults`` only (``--configs`` adds others). Each run trains ``1 + cycles * MEASURE_EVERY``
 steps and stops there without final outputs (``stop_at_step``: no multi-GB save per run). Targets
 for LoRA: step time <= 1.10x, peak memory <= 1.05x; full fine-tuning is reported. It also prints the
 guard's calibration cost per training caption (wall time of the guard's ``calibrate()`` in the
@@ -69,7 +75,8 @@ from PIL import Image  # noqa: E402
 
 from memreg import log_tags as tags  # noqa: E402
 from memreg.arch.build import FAMILIES as ARCH_FAMILIES  # noqa: E402
-from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig  # noqa: E402
+from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig, resolve_every_n  # noqa: E402
+from memreg.guards.anisotropy_gate.probes import probe_samples_of  # noqa: E402
 from memreg.training.config import load_config  # noqa: E402
 from memreg.training.loop import train  # noqa: E402
 from memreg.training.metrics import SavedTensorMeter  # noqa: E402
@@ -84,6 +91,17 @@ ARCH_TARGETS = {"lora": (1.10, 1.05)}       # real architecture: (step, peak mem
 ARCH_CONFIGS = ("none", DEFAULTS)
 KEPT_YAML_GUARD_KEYS = ("calibration_prompts", "calibration_seeds")  # setup cost only; tiny data set
 METRICS = ("step", "active", "inactive", "act", "heap")
+MEASURE_EVERY = 2   # probe cadence of the measured guard runs: active and inactive steps in every run
+
+
+def cadence(config: dict, batch: int) -> int | None:
+    """The probe cadence ``config``'s guard would run at ``batch`` (None: no probes)."""
+    if config.get("guard.type") != "penalty":
+        return None
+    d = AnisotropyGateConfig()
+    k = config.get("guard.probes_per_step", d.probes_per_step)
+    return resolve_every_n(config.get("guard.every_n_steps", d.every_n_steps), probe_samples_of(k, d.signal), batch,
+                           d.probe_share)
 
 
 def write_imagefolder(root: Path, n: int = 16, size: int = 32) -> Path:
@@ -151,7 +169,8 @@ def penalty_defaults() -> dict:
 
 
 def block_configs(mode: str, extra_k: list[int], only: list[str] | None = None) -> dict[str, dict]:
-    """config name -> ``load_config`` overrides, for one training mode (``only``: these names, in order)."""
+    """config name -> ``load_config`` overrides, for one training mode (``only``: these names, in order);
+    the guard's cadence as configured (:func:`measured` sets the one the runs use)."""
     pen = penalty_defaults()
     configs = {"none": {}, DEFAULTS: pen,
                EVERY_BATCH: {**pen, "guard.every_n_steps": 1, "guard.probes_per_step": 1},
@@ -160,6 +179,13 @@ def block_configs(mode: str, extra_k: list[int], only: list[str] | None = None) 
     if only is not None:
         configs = {name: configs[name] for name in dict.fromkeys(["none", DEFAULTS, *only])}
     return {name: {"mode": mode, **o} for name, o in configs.items()}
+
+
+def measured(config: dict) -> dict:
+    """The overrides a run uses: probes every ``MEASURE_EVERY`` steps unless it probes every step."""
+    if config.get("guard.type") == "penalty" and config.get("guard.every_n_steps") != 1:
+        return {**config, "guard.every_n_steps": MEASURE_EVERY}
+    return config
 
 
 def run_argv(model: Path, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -174,14 +200,19 @@ def arch_argv(resolution: int, batch: int, steps: int) -> tuple[str, ...]:
             "--stop_at_step", str(steps))
 
 
-def summarize(res, heap_peak: float) -> dict:
-    """One run's figures; the first (warm-up) step is dropped."""
+def summarize(res, heap_peak: float, every: int | None = None) -> dict:
+    """One run's figures; the first (warm-up) step is dropped. ``every``: the config's probe
+    cadence, over which its step time is averaged (None: the plain mean)."""
     logs = [lg for lg in res.logs if lg["step"] >= 2]
     times = [lg[tags.PERF_STEP_TIME] for lg in logs]
     active = [lg[tags.PERF_STEP_TIME] for lg in logs if tags.GUARD_PENALTY in lg]
     inactive = [lg[tags.PERF_STEP_TIME] for lg in logs if tags.GUARD_PENALTY not in lg]
-    return {"step": statistics.fmean(times), "active": statistics.median(active) if active else None,
-            "inactive": statistics.median(inactive) if inactive else None,
+    act = statistics.median(active) if active else None
+    inact = statistics.median(inactive) if inactive else None
+    step = statistics.fmean(times)
+    if every is not None and act is not None:
+        step = act if every == 1 or inact is None else (act + (every - 1) * inact) / every
+    return {"step": step, "active": act, "inactive": inact,
             "act": max(lg[tags.PERF_ACTIVATION_MB] for lg in res.logs), "heap": heap_peak}
 
 
@@ -212,18 +243,24 @@ class CalibrationTimer:
 
 
 def run_block(mode: str, configs: dict[str, dict], root: Path, model: Path, data: Path, steps: int, reps: int,
-              extra: tuple[str, ...] = (), warmup_extra: tuple[str, ...] = ()):
+              batch: int, extra: tuple[str, ...] = (), warmup_extra: tuple[str, ...] = ()):
     """Medians per config of ``reps`` interleaved repetitions (after one warm-up run of the mode)."""
-    run_once(run_argv(model, data, root / f"warmup_{mode}", 2, warmup_extra), configs[DEFAULTS])
+    run_once(run_argv(model, data, root / f"warmup_{mode}", 2, warmup_extra), measured(configs[DEFAULTS]))
     names = list(configs)
     results = {k: {m: [] for m in METRICS} for k in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             out = root / f"{mode}_{rep}_{names.index(name)}"
-            for m, v in summarize(*run_once(run_argv(model, data, out, steps, extra), configs[name])).items():
+            res, heap = run_once(run_argv(model, data, out, steps, extra), measured(configs[name]))
+            figures = summarize(res, heap, cadence(configs[name], batch))
+            del res   # it holds the run's model: freed before the next run loads its own
+            for m, v in figures.items():
                 if v is not None:
                     results[name][m].append(v)
-    return {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in results.items()}
+    med = {k: {m: (statistics.median(v) if v else float("nan")) for m, v in r.items()} for k, r in results.items()}
+    for k, r in results.items():   # the machine's noise: the spread of a config's step time over repetitions
+        med[k]["spread"] = (max(r["step"]) - min(r["step"])) / med[k]["step"] if r["step"] else float("nan")
+    return med
 
 
 def ratios(med: dict, name: str) -> tuple[float, float]:
@@ -238,13 +275,13 @@ def verdict(value: float, target: float) -> str:
 def print_block(mode: str, med: dict, header: str, targets: tuple[float, float] | None = (TARGET_STEP, TARGET_PEAK)) -> None:
     print(header)
     hdr = (f"{'config':22s} {'step ms':>8s} {'ratio':>6s} {'active ms':>9s} {'inact ms':>8s} "
-           f"{'peak MB':>8s} {'ratio':>6s} {'saved MB':>8s}")
+           f"{'peak MB':>8s} {'ratio':>6s} {'saved MB':>8s} {'spread':>6s}")
     print(hdr)
     print("-" * len(hdr))
     for name, m in med.items():
         st, mt = ratios(med, name)
         print(f"{name:22s} {1e3 * m['step']:8.1f} {st:6.2f} {1e3 * m['active']:9.1f} {1e3 * m['inactive']:8.1f} "
-              f"{m['heap']:8.1f} {mt:6.2f} {m['act']:8.2f}")
+              f"{m['heap']:8.1f} {mt:6.2f} {m['act']:8.2f} {m['spread']:6.2f}")
     st, mt = ratios(med, DEFAULTS)
     if targets is None:
         print(f"at the defaults ({mode}, reported, no target): step time {st:.2f}x, peak memory {mt:.2f}x")
@@ -267,14 +304,16 @@ def block_header(mode: str, base, args, steps: int, elapsed: float) -> str:
     return (f"bench_train: {model}, mode {mode} ({what}; configs/tiny_cpu.yaml: batch {base.train_batch_size}, "
             f"{base.resolution} px), torch {torch.__version__}, {args.threads} threads, device cpu\n"
             f"{args.reps} interleaved repetitions x {steps} steps per run (first step dropped; penalty defaults: "
-            f"k={d.probes_per_step} every {d.every_n_steps} steps), medians; {elapsed:.0f} s")
+            f"k={d.probes_per_step}, every_n_steps {d.every_n_steps} = every "
+            f"{cadence(penalty_defaults(), base.train_batch_size)} steps at this batch, measured probing every "
+            f"{MEASURE_EVERY} and weighted to that cadence), medians; {elapsed:.0f} s")
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="training modes, one block each")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cycles", type=int, default=4, help="penalty cycles (the defaults' every_n_steps) per run")
+    ap.add_argument("--cycles", type=int, default=4, help="probe cycles (MEASURE_EVERY steps each) per run")
     ap.add_argument("--k", type=int, nargs="*", default=[], help="extra runs: the defaults at these probe counts")
     ap.add_argument("--model", default=None, help="tiny SD dir (default: build one in a temp dir)")
     ap.add_argument("--data", default=None, help="imagefolder (default: 16 random 32 px images)")
@@ -353,8 +392,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
-    d = AnisotropyGateConfig()
-    steps = 1 + args.cycles * d.every_n_steps
+    steps = 1 + args.cycles * MEASURE_EVERY
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
@@ -371,7 +409,8 @@ def main(argv=None):
         base = load_config(run_argv(model, data, root, steps, extra))
         for mode in args.modes:
             t0 = time.time()
-            out[mode] = run_block(mode, block_configs(mode, args.k), root, model, data, steps, args.reps, extra, extra)
+            out[mode] = run_block(mode, block_configs(mode, args.k), root, model, data, steps, args.reps,
+                                  base.train_batch_size, extra, extra)
             print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0))
     return out
 
@@ -396,7 +435,7 @@ def main_arch(args, root: Path, steps: int) -> dict:
             t0 = time.time()
             n_before = len(calib.seconds)
             out[mode] = run_block(mode, block_configs(mode, args.k, args.configs or []), root, model, data, steps,
-                                  args.reps, extra, arch_argv(resolution, batch, 1))
+                                  args.reps, batch, extra, arch_argv(resolution, batch, 1))
             del calib.seconds[n_before]     # the warm-up run's
             print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0),
                         ARCH_TARGETS.get(mode))

@@ -28,3 +28,25 @@ def test_bench_train_reports_both_modes(tiny_sd_eps, capsys):
         assert f"penalty every batch ({mode}): step time" in out
     # full fine-tuning keeps AdamW state for the whole UNet: more memory than LoRA's adapters
     assert med["full"]["none"]["heap"] > med["lora"]["none"]["heap"]
+
+
+def test_step_time_is_weighted_to_the_configs_own_cadence():
+    """Runs probe every MEASURE_EVERY steps; a config probing every n steps costs (active + (n-1) inactive) / n."""
+    from types import SimpleNamespace
+
+    bench = load_script(SCRIPT)
+    t = bench.tags
+    logs = [{"step": 1, t.PERF_STEP_TIME: 9.0, t.PERF_ACTIVATION_MB: 1.0, t.GUARD_PENALTY: 0.0}]   # warm-up: dropped
+    for step, secs in ((2, 1.0), (3, 3.0), (4, 1.0), (5, 3.0)):
+        lg = {"step": step, t.PERF_STEP_TIME: secs, t.PERF_ACTIVATION_MB: 1.0}
+        if step % 2 == 1:
+            lg[t.GUARD_PENALTY] = 0.0
+        logs.append(lg)
+    res = SimpleNamespace(logs=logs)
+    assert bench.summarize(res, 5.0)["step"] == 2.0                       # no cadence: the plain mean
+    assert bench.summarize(res, 5.0, every=4)["step"] == (3.0 + 3 * 1.0) / 4
+    assert bench.summarize(res, 5.0, every=1)["step"] == 3.0
+    # the defaults at batch 2 (2 probes x (u, c) = 4 samples, share 1/16): every 32 steps; every batch: 1
+    assert bench.cadence(bench.penalty_defaults(), 2) == 32
+    assert bench.cadence({"guard.type": "penalty", "guard.every_n_steps": 1}, 2) == 1
+    assert bench.cadence({"guard.type": "agc"}, 2) is None

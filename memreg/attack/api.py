@@ -9,7 +9,8 @@
     report = summarize(records, AttackSettings())            # rates with Wilson intervals, trained vs control
 
 Targets come from :func:`memreg.attack.targets.select_trained` / ``select_control`` (or are built
-by hand as :class:`memreg.attack.targets.Target`).
+by hand as :class:`memreg.attack.targets.Target`). The model is any family of ``memreg.families``
+(SD 1.x, 2.x, SDXL): its own pipeline class, prompt encoder and conditioning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from memreg.attack.inputs import AttackInputError
 from memreg.attack.outputs import build_report
-from memreg.attack.runner import AttackSettings, Attacker
+from memreg.attack.runner import AttackSettings, Attacker, freeze_pipeline
 from memreg.attack.targets import Target
 from memreg.generation import build_pipeline
 from memreg.models import load_components
@@ -38,14 +39,13 @@ def check_lora(lora: str | None) -> None:
 
 
 def load_pipeline(model: str, lora: str | None = None, device="cpu", dtype="float32"):
-    """A DDIM pipeline of ``model`` (safetensors via ``from_pretrained``), ``lora`` loaded on top;
-    every module frozen and in eval mode."""
+    """The family's DDIM pipeline of ``model`` (safetensors via ``from_pretrained``), ``lora`` loaded
+    on top; every module frozen and in eval mode."""
     comps = load_components(model, dtype=dtype, device=device)
     pipe = build_pipeline(comps)
     if lora is not None:
         pipe.load_lora_weights(lora, weight_name=LORA_WEIGHTS)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.eval().requires_grad_(False)
+    freeze_pipeline(pipe)
     return pipe
 
 

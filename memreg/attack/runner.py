@@ -9,6 +9,11 @@ For each target, in this order (``AttackSettings.attacks``):
 * ``noise`` (off by default): ``noise_seeds`` more initial noises for the best fitted embedding
   (random search over the DDIM starting latent).
 
+Any model family works (``memreg.families``: SD 1.x, 2.x, SDXL): prompts are encoded by the
+family's prompt encoder, and a fitted embedding is the family's conditioning (for SDXL both
+encoders' joined states, with the start prompt's pooled embedding and time ids; see
+:mod:`memreg.attack.embedding`).
+
 Every generation is DDIM with classifier-free guidance against the empty prompt. Its similarity
 to the target is the copy detector's (SSIM, or SSCD where the user has it); the target counts as
 **extracted** by an attack when a generation's similarity exceeds the detector's calibrated
@@ -23,13 +28,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 from PIL import Image
 
 from memreg.attack.embedding import image_latent, search_embeddings
 from memreg.attack.targets import Target
 from memreg.attack.wordings import perturbed_wordings
-from memreg.encoding import PromptEncoder
+from memreg.families import Cond, cat_conditioning, pipeline_components, prompt_encoder
 from memreg.generation import generate_from_embeds, generate_images
 
 ATTACKS = ("prompts", "perturbed", "embedding", "noise")
@@ -71,15 +75,21 @@ def target_number(target: Target) -> int:
     return int(target.id.rsplit("-", 1)[1])
 
 
+def freeze_pipeline(pipe) -> None:
+    """UNet, VAE and every text encoder of ``pipe`` in eval mode without gradients."""
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if m is not None:
+            m.eval().requires_grad_(False)
+
+
 class Attacker:
     """Runs the attacks of ``settings`` with one pipeline (frozen, eval mode) and copy detector."""
 
     def __init__(self, pipe, detector, settings: AttackSettings):
         self.pipe, self.detector, self.s = pipe, detector, settings
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.eval().requires_grad_(False)
+        freeze_pipeline(pipe)
         self.size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device=pipe.unet.device)
+        self.encoder = prompt_encoder(pipeline_components(pipe), device=pipe.unet.device, image_size=self.size)
         self.empty = self.encoder.uncond()
 
     def _judge(self, images: list[Image.Image], details: list[dict], ref, best: Best) -> float:
@@ -98,11 +108,11 @@ class Attacker:
         details = [{"wording": p, "edit": wordings[i // d][0], "seed": s} for i, (p, s) in enumerate(zip(prompts, seeds))]
         return {"best_similarity": self._judge(images, details, ref, best), "generations": len(images), "steps": 0}
 
-    def _from_embeds(self, embeds: list[tuple[str, torch.Tensor]], seeds_each: int, seed0: int, ref,
+    def _from_embeds(self, embeds: list[tuple[str, Cond]], seeds_each: int, seed0: int, ref,
                      best: Best) -> float:
         rows = [(name, e) for name, e in embeds for _ in range(seeds_each)]
         seeds = [seed0 + i for i in range(len(rows))]
-        cond = torch.cat([e for _, e in rows])
+        cond = cat_conditioning([e for _, e in rows])
         images = generate_from_embeds(self.pipe, cond, self.empty.expand(len(rows), -1, -1), seeds,
                                       num_inference_steps=self.s.num_inference_steps,
                                       guidance_scale=self.s.guidance_scale, batch_size=self.s.batch_size)

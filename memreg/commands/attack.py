@@ -43,7 +43,7 @@ class BudgetSpent(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers SD pipeline dir (with --lora: the base it was trained on)")
+    p.add_argument("--model", required=True, help="diffusers pipeline dir, SD 1.x/2.x or SDXL (with --lora: the base it was trained on)")
     p.add_argument("--lora", default=None, help="LoRA output dir (pytorch_lora_weights.safetensors) on top of --model")
     p.add_argument("--data", required=True, help="the training imagefolder (metadata.jsonl)")
     p.add_argument("--control", required=True, help="imagefolder of held-out images of the same kind, never trained on")

@@ -28,7 +28,7 @@ from memreg.sharding import apply_plan, peak_rss_mb, plan_out, process_state
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="imagefolder with metadata.jsonl, a saved `datasets` dataset, "
                    "or parquet/webdataset shards")
-    p.add_argument("--model", default=None, help="base SD pipeline (diffusers dir or hub id) for the caption score")
+    p.add_argument("--model", default=None, help="base pipeline, SD 1.x/2.x or SDXL (diffusers dir or hub id), for the caption score")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="text")

@@ -24,17 +24,19 @@ from scipy.stats import binomtest
 
 from memreg.demo.adherence import mean_adherence
 from memreg.demo.vae import images_to_tensor
-from memreg.encoding import PromptEncoder
+from memreg.families import denoise, prompt_encoder
 from memreg.generation import generate_images
 
 
 @torch.no_grad()
 def heldout_denoising_loss(components, unet, images: list[Image.Image], captions: list[str], draws: int = 4,
                            seed: int = 0, batch_size: int = 64) -> float:
-    """Mean diffusion MSE (eps or v target, as the model predicts) over ``draws`` fixed (t, noise) per image."""
+    """Mean diffusion MSE (eps or v target, as the model predicts) over ``draws`` fixed (t, noise) per
+    image, conditioned as the family conditions ``unet`` on each caption (``memreg.families``; SDXL's
+    time ids for the images' size)."""
     vae, sched = components.vae, components.scheduler
     device = next(unet.parameters()).device
-    encoder = PromptEncoder(components.tokenizer, components.text_encoder, device=device)
+    encoder = prompt_encoder(components, device=device, image_size=images[0].height if images else None)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for lo in range(0, len(images), batch_size):
@@ -46,7 +48,7 @@ def heldout_denoising_loss(components, unet, images: list[Image.Image], captions
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
             noisy = sched.add_noise(latents, noise, t)
             target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample
+            pred = denoise(unet, noisy.to(unet.dtype), t, emb.to(unet.dtype)).sample
             total += torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="sum").item()
             count += target.numel()
     return total / count

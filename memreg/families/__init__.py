@@ -5,14 +5,16 @@
 * :mod:`~memreg.families.base` - the :class:`ModelFamily` protocol and the loaded :class:`Components`;
 * :mod:`~memreg.families.sd` (SD 1.x, 2.x), :mod:`~memreg.families.sdxl` (SDXL) - the families;
 * :mod:`~memreg.families.registry` - ``FAMILIES`` and the detection (:func:`detect_family`,
-  :func:`family_of`).
+  :func:`family_of`), a loaded pipeline's parts (:func:`pipeline_components`);
+* :mod:`~memreg.families.sdxl_kohya` - SDXL LoRA keys by the SGM UNet's names, as kohya writes them.
 """
 
 from memreg.families.base import Components, ModelError, ModelFamily, parse_dtype
 from memreg.families.conditioning import (Cond, Conditioning, cat_conditioning, denoise, embeds_of, unet_kwargs,
                                           with_embeds)
-from memreg.families.registry import BY_NAME, FAMILIES, detect_family, family_named, family_of, prompt_encoder
+from memreg.families.registry import (BY_NAME, FAMILIES, detect_family, family_named, family_of, pipeline_components,
+                                      prompt_encoder)
 
 __all__ = ["BY_NAME", "Components", "Cond", "Conditioning", "FAMILIES", "ModelError", "ModelFamily", "cat_conditioning",
-           "denoise", "detect_family", "embeds_of", "family_named", "family_of", "parse_dtype", "prompt_encoder", "unet_kwargs",
-           "with_embeds"]
+           "denoise", "detect_family", "embeds_of", "family_named", "family_of", "parse_dtype", "pipeline_components",
+           "prompt_encoder", "unet_kwargs", "with_embeds"]

@@ -158,8 +158,9 @@ class ModelFamily:
         components (e.g. trained ones) in place of the checkpoint's."""
         raise NotImplementedError
 
-    def kohya_key(self, key: str) -> str:
-        """A key of diffusers' kohya conversion, renamed to what A1111/ComfyUI load for this family."""
+    def kohya_key(self, key: str, unet_config=None) -> str:
+        """A key of diffusers' kohya conversion, renamed to what A1111/ComfyUI load for this family
+        (``unet_config``: the trained UNet's, for families whose kohya names follow its layout)."""
         return key
 
 

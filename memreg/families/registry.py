@@ -92,3 +92,15 @@ def prompt_encoder(components: Components, device=None, image_size: int | None =
     """The family's prompt encoder over ``components`` (``image_size``: pixels of the samples it
     conditions; default the UNet's default sample)."""
     return family_of(components).prompt_encoder(components, device=device, image_size=image_size)
+
+
+def pipeline_components(pipe) -> Components:
+    """The :class:`~memreg.families.Components` of a loaded diffusers pipeline (its own modules, no
+    copies), so the family seam (``prompt_encoder``) serves a pipeline as it serves a checkpoint;
+    SDXL's ``force_zeros_for_empty_prompt`` is read from the pipeline's config."""
+    force = getattr(pipe.config, "force_zeros_for_empty_prompt", None)
+    return Components(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler,
+                      getattr(pipe, "name_or_path", "") or "", tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                      text_encoder_2=getattr(pipe, "text_encoder_2", None), family=family_of(pipe.unet, pipe.scheduler),
+                      vae_scale_factor=pipe.vae_scale_factor,
+                      pipeline_config=None if force is None else {"force_zeros_for_empty_prompt": bool(force)})

@@ -65,7 +65,7 @@ class StableDiffusionFamily(ModelFamily):
                 "tokenizer": components.tokenizer, "safety_checker": None, "feature_extractor": None,
                 "requires_safety_checker": False}
 
-    def kohya_key(self, key: str) -> str:
+    def kohya_key(self, key: str, unet_config=None) -> str:
         return key.replace("lora_te1_", "lora_te_")  # one text encoder: A1111 expects lora_te_
 
 

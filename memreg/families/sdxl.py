@@ -31,6 +31,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from memreg.encoding import EncodedPrompts
 from memreg.families.base import Components, ModelFamily, load_parts
 from memreg.families.conditioning import Conditioning
+from memreg.families.sdxl_kohya import sgm_kohya_key
 
 SDXL_CLASS_NAMES = ("StableDiffusionXLPipeline",)
 TEXT_TIME = "text_time"
@@ -207,3 +208,11 @@ class SDXLFamily(ModelFamily):
         return {"unet": components.unet, "text_encoder": components.text_encoder,
                 "text_encoder_2": components.text_encoder_2, "vae": components.vae, "tokenizer": components.tokenizer,
                 "tokenizer_2": components.tokenizer_2}
+
+    def kohya_key(self, key: str, unet_config=None) -> str:
+        """UNet keys by the SGM UNet's module names (``lora_unet_input_blocks_4_1_...``), as kohya's
+        sd-scripts, A1111 and ComfyUI name SDXL LoRAs (:mod:`memreg.families.sdxl_kohya`); the text
+        encoders' ``lora_te1_``/``lora_te2_`` as they are."""
+        if unet_config is None:
+            raise ValueError("SDXL kohya keys follow the UNet's layout: pass its config")
+        return sgm_kohya_key(key, unet_config)

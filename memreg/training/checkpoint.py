@@ -532,7 +532,7 @@ def kohya_state_dict(unet, text_encoder=None, lora_alpha: float | None = None, t
     kohya = convert_state_dict_to_kohya(peft_sd)
     out = {}
     for k, v in kohya.items():
-        k = family.kohya_key(k)
+        k = family.kohya_key(k, unet.config)
         if k.endswith(".alpha") and lora_alpha is not None:
             v = torch.tensor(float(lora_alpha))
         out[k] = v.contiguous()

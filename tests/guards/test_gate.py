@@ -166,11 +166,12 @@ def test_trainer_gates_flagged_captions_and_resumes_exactly(tiny_sd_eps, tiny_da
 
 
 def test_trainer_at_the_defaults_logs_the_gate_and_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
-    """guard.type penalty and nothing else: the caption gate on the base+population reference (base
-    values cached at calibration, LoRA too), weight 0, probes every 2nd step."""
+    """guard.type penalty at its defaults: the caption gate on the base+population reference (base
+    values cached at calibration, LoRA too), weight 0, every_n_steps auto. probe_share 0.5 at batch 4
+    with 2 probes x (u, c) = 4 probe samples resolves to every ceil(4 / (0.5 * 4)) = 2nd step."""
     h = _training_helpers()
     kw = dict(guard__type="penalty", guard__population_min=1, guard__calibration_prompts=4,
-              guard__calibration_seeds=1, checkpointing_steps=2)
+              guard__calibration_seeds=1, checkpointing_steps=2, guard__probe_share=0.5)
     straight = h.run(tiny_sd_eps, tiny_data, tmp_path / "straight", steps=4, **kw)
     g = straight.guard
     assert g.gate is not None and g.threshold.mode == "base+population" and g.threshold.source == "cache"

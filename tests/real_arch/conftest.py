@@ -6,7 +6,8 @@ A built pipeline is cached on disk across sessions under ``$MEMREG_ARCH_CACHE`` 
 settings, the builder's version and the torch/diffusers/transformers versions, so any change rebuilds.
 A build runs ``scripts/make_real_arch.py`` in a subprocess (its peak memory never adds to the test
 process's) into a temporary sibling that is renamed into place only when complete; building a new
-key removes the family's older entries (disk: SD 1.5 4.3 GB, SD 2.1 5.2 GB, SDXL 14 GB).
+key removes the family's older entries (disk: SD 1.5 4.3 GB, SD 2.1 5.2 GB, SDXL 14 GB, SDXL
+``blocks=1`` 6.2 GB).
 
 The tests at a real architecture (test_sd.py, test_sdxl.py) are marked ``slow`` and run by default
 (``make test``); ``-m "not slow"`` skips them.

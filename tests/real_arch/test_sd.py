@@ -119,10 +119,15 @@ def test_lora_with_the_guard_trains_and_resumes_exactly(lora_run, arch, arch_dat
     out, run = lora_run
     assert run["global_step"] == 2
     assert all(math.isfinite(lg[tags.TRAIN_LOSS_MSE]) for lg in run["logs"])
-    # the defaults probe every 2nd optimizer step from the first: step 1 probed, step 2 not
+    # the defaults probe from the first optimizer step (every_n_steps auto: every 32nd at batch 2): step 1 probed
     assert [lg["step"] for lg in run["logs"] if tags.GUARD_THRESHOLD in lg] == [1]
-    resumed = tmp_path / "resumed"
-    res = train(arch, arch_data, resumed, "lora", resume_from_checkpoint=out / "checkpoint-1")
+    check_lora_resumes_exactly(arch, arch_data, out, tmp_path / "resumed")
+
+
+def check_lora_resumes_exactly(model, data, out, resumed):
+    """Resumed from ``out``'s step-1 checkpoint into ``resumed``, the run trains step 2 only and
+    writes ``out``'s LoRA bit for bit (weights, AdamW moments, RNG and guard state restored)."""
+    res = train(model, data, resumed, "lora", resume_from_checkpoint=out / "checkpoint-1")
     assert res["global_step"] == 2 and [lg["step"] for lg in res["logs"]] == [2]
     a, b = lora_file(out), lora_file(resumed)
     assert a.keys() == b.keys() and a
@@ -183,13 +188,19 @@ def test_detect_norm_matches_a_hand_computation(arch, family, tmp_path):
 
 
 def test_generate_with_score_mitigation(arch, tmp_path):
+    check_score_mitigation(arch, tmp_path)
+
+
+def check_score_mitigation(model, tmp_path):
+    """``memreg generate --mitigate score`` on ``model``: tau from 4 ordinary prompts (median), the
+    flagged prompts get at most one embedding step, every prompt gets its image at RESOLUTION."""
     from PIL import Image
 
     prompts, ordinary = tmp_path / "p.txt", tmp_path / "ordinary.txt"
     prompts.write_text("a red circle\nthe old house\n")
     ordinary.write_text("a green tree\ntwo cats on a table\nthe sea at sunset\na man with a book\n")
     out = tmp_path / "gen"
-    rc, stdout = run_cli(["generate", "--model", str(arch), "--prompts", str(prompts), "--out", str(out),
+    rc, stdout = run_cli(["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
                           "--mitigate", "score", "--calibrate", str(ordinary), "--tau-quantile", "0.5",
                           "--target-quantile", "0.0", "--steps", "2", "--max-steps", "1", "--draws", "1",
                           "--batch-size", "2", "--no-progress"])

@@ -4,6 +4,7 @@ are built from a validated config and do not re-check it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -17,6 +18,21 @@ REFERENCES = ("none", "base", "population", "base+population")
 SOURCES = ("auto", "cache", "forward")
 PRESETS = ("sd1", "sd2")
 GATE_KEYS = ("image", "caption")   # what a flag names: a training image (its duplicate cluster), or a caption
+
+
+PROBE_SHARE = 0.0625   # every_n_steps: auto: probe UNet samples per denoising sample, averaged over steps
+
+
+def resolve_every_n(every_n_steps: Union[int, str], probe_samples: int, batch_size: int,
+                    probe_share: float = PROBE_SHARE) -> int:
+    """``every_n_steps: auto`` -> the smallest cadence at which the probes add at most ``probe_share``
+    UNet samples per denoising sample: ``max(1, ceil(probe_samples / (probe_share * batch_size)))``.
+    A probe sample is a no-grad forward, about a third of a trained sample's forward and backward,
+    so the default share keeps the probes near 2% of a step's compute whatever the batch size
+    (batch 32: every 2 steps; batch 2: every 32). An integer is used as given."""
+    if every_n_steps != "auto":
+        return int(every_n_steps)
+    return max(1, math.ceil(probe_samples / (probe_share * max(int(batch_size), 1)) - 1e-9))
 
 
 def uses_base(reference: str) -> bool:
@@ -58,7 +74,8 @@ class AnisotropyGateConfig:
     tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
     tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
     probes_per_step: int = 2              # k captions of the batch probed per active step
-    every_n_steps: int = 2                # probes on optimizer steps with step % n == 0
+    every_n_steps: Union[int, str] = "auto"  # probes on optimizer steps with step % n == 0; auto: from probe_share
+    probe_share: float = PROBE_SHARE      # every_n_steps: auto: probe samples per denoising sample (resolve_every_n)
     warmup_steps: int = 0                 # no probes before this optimizer step
     term: str = "auto"                    # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the
                                           # probes); auto: combined with reference none, norm with the others
@@ -107,8 +124,13 @@ class AnisotropyGateConfig:
             raise ConfigError(f"guard.tau_quantile={self.tau_quantile} must be in (0, 1)")
         if self.preset is not None:
             choice(self.preset, PRESETS, "guard.preset")
-        if self.probes_per_step < 1 or self.every_n_steps < 1 or self.warmup_steps < 0:
+        if isinstance(self.every_n_steps, str) and self.every_n_steps != "auto":
+            raise ConfigError(f"guard.every_n_steps={self.every_n_steps!r} must be an integer >= 1 or 'auto'")
+        if (self.probes_per_step < 1 or (not isinstance(self.every_n_steps, str) and self.every_n_steps < 1)
+                or self.warmup_steps < 0):
             raise ConfigError("guard.probes_per_step and guard.every_n_steps must be >= 1, guard.warmup_steps >= 0")
+        if not 0.0 < self.probe_share <= 1.0:
+            raise ConfigError(f"guard.probe_share={self.probe_share} must be in (0, 1]")
         if self.zscore == "batch" and self.probes_per_step < 2:
             raise ConfigError("guard.zscore: batch needs guard.probes_per_step >= 2")
         if not 0.0 <= self.tau_ema < 1.0:

@@ -46,7 +46,8 @@ class AnisotropyGateGuard(Guard):
     How the probes run (``probe_forward``): ``"fused"`` (concatenated onto the denoising batch: one
     forward, one backward; the only way under DDP), ``"separate"`` (a second forward; single process,
     ``guard.fused_forward: false``) or ``"measure"`` (weight 0: a no-grad forward of the unwrapped
-    UNet, so the probes decide but add no gradient and cost no backward).
+    UNet in :meth:`extra_inputs`, before the denoising forward, so the probes decide but add no
+    gradient, cost no backward and add nothing to the step's memory peak).
     """
 
     name = "anisotropy_gate"
@@ -78,7 +79,7 @@ class AnisotropyGateGuard(Guard):
         scorer = make_scorer(ctx.unet, ctx.noise_scheduler, preset=cfg.preset, t_hi=cfg.t_hi, t_lo=cfg.t_lo,
                              prediction_type=ctx.prediction_type)
         calibrator = Calibrator.from_config(cfg)
-        return cls(ctx, ProbeSampler.from_config(cfg, scorer, ctx.seed, ctx.process_index), calibrator,
+        return cls(ctx, ProbeSampler.from_config(cfg, scorer, ctx.seed, ctx.process_index, ctx.batch_size), calibrator,
                    build_threshold(cfg, ctx, calibrator), mode=cfg.mode, weight=cfg.weight, fused=cfg.fused_forward,
                    probe_checkpointing=cfg.probe_checkpointing, max_force=cfg.max_force,
                    gate=CaptionGate(cfg.gate_weight, cfg.gate_release, cfg.gate_key) if cfg.gate else None)
@@ -153,6 +154,9 @@ class AnisotropyGateGuard(Guard):
                                     sources=sources, encode=self.ctx.encode)
         if probe is not None:
             self.threshold.attach(probe, self.ctx, self.probes)
+            if self.probe_forward == "measure":
+                with torch.no_grad():
+                    probe.out = self.ctx.run_unet(probe.sample, probe.timesteps, probe.embeds)
         self._probe = probe
         if probe is None or self.probe_forward != "fused":
             return None
@@ -163,8 +167,7 @@ class AnisotropyGateGuard(Guard):
             return batch.extra_out
         if self.probe_forward == "separate":
             return batch.forward(probe.sample, probe.timesteps, probe.embeds, self.probe_checkpointing)
-        with torch.no_grad():
-            return self.ctx.run_unet(probe.sample, probe.timesteps, probe.embeds)
+        return probe.out   # "measure": run in extra_inputs, before the denoising forward
 
     def loss(self, batch: GuardBatch) -> GuardLoss:
         probe, self._probe = self._probe, None

@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from memreg.guards.anisotropy_gate.config import resolve_every_n
 from memreg.guards.anisotropy_gate.gate import caption_keys
 from memreg.score import AnisotropyScore, ScoreOutput, prompt_seed, score_prompts
 
@@ -37,6 +38,12 @@ def auto_probe_checkpointing(probe_samples: int, batch_size: int, gradient_check
     does not checkpoint anyway and the probes would add more than ``PROBE_MEMORY_SHARE`` of the
     denoising batch's activations (checkpointing every step would cost a second forward each)."""
     return not gradient_checkpointing and probe_samples > PROBE_MEMORY_SHARE * batch_size
+
+
+def probe_samples_of(probes_per_step: int, signal: str) -> int:
+    """UNet samples ``probes_per_step`` probes add to an active step: (u, c) at one timestep per
+    probe, at both for the combined signal."""
+    return int(probes_per_step) * (4 if signal == "combined" else 2)
 
 
 def caption_latents(captions: Sequence[str], draw: Tensor | Sequence[int], draws: int, seed: int,
@@ -69,6 +76,8 @@ class ProbeBatch:
     draw: Tensor | None = None          # fixed noise: which of each caption's draws the probe uses
     base: Tensor | None = None          # reference modes: (k,) base values on the same noise (0: population)
     known: Tensor | None = None         # reference modes: (k,) bool, a base value exists for the caption
+    out: Tensor | None = None           # weight 0: the probes' no-grad UNet output, taken before the denoising
+                                        # forward so its buffers are freed before the trained activations pile up
 
     @property
     def size(self) -> int:
@@ -112,9 +121,13 @@ class ProbeSampler:
         self.generator = torch.Generator("cpu").manual_seed(self.seed + 1_000_003 * int(process_index))
 
     @classmethod
-    def from_config(cls, cfg, scorer: AnisotropyScore, seed: int, process_index: int) -> "ProbeSampler":
-        """From a validated :class:`~memreg.guards.anisotropy_gate.config.AnisotropyGateConfig`."""
-        return cls(scorer, signal=cfg.signal, probes_per_step=cfg.probes_per_step, every_n_steps=cfg.every_n_steps,
+    def from_config(cls, cfg, scorer: AnisotropyScore, seed: int, process_index: int,
+                    batch_size: int = 1) -> "ProbeSampler":
+        """From a validated :class:`~memreg.guards.anisotropy_gate.config.AnisotropyGateConfig`;
+        ``batch_size``: the denoising micro-batch, which ``every_n_steps: auto`` is resolved for."""
+        every = resolve_every_n(cfg.every_n_steps, probe_samples_of(cfg.probes_per_step, cfg.signal), batch_size,
+                                cfg.probe_share)
+        return cls(scorer, signal=cfg.signal, probes_per_step=cfg.probes_per_step, every_n_steps=every,
                    warmup_steps=cfg.warmup_steps, grad_through=cfg.grad_through,
                    calibration_prompts=cfg.calibration_prompts, calibration_seeds=cfg.calibration_seeds, seed=seed,
                    process_index=process_index)
@@ -130,8 +143,8 @@ class ProbeSampler:
 
     @property
     def probe_samples(self) -> int:
-        """UNet samples the probes add to an active step: (u, c) at one or both timesteps per probe."""
-        return self.probes_per_step * (4 if self.signal == "combined" else 2)
+        """UNet samples the probes add to an active step (:func:`probe_samples_of`)."""
+        return probe_samples_of(self.probes_per_step, self.signal)
 
     def unet_inputs(self, latents: Tensor, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.scorer.unet_inputs(latents, cond, uncond, self.terms)
