@@ -10,11 +10,11 @@
 """
 
 from memreg.families.base import Components, ModelError, ModelFamily, parse_dtype
-from memreg.families.conditioning import (Cond, Conditioning, cat_conditioning, denoise, embeds_of, unet_kwargs,
-                                          with_embeds)
+from memreg.families.conditioning import (Cond, Conditioning, cat_conditioning, denoise, embeds_of,
+                                          unconditional_for, unet_kwargs, with_embeds)
 from memreg.families.registry import (BY_NAME, FAMILIES, detect_family, family_named, family_of, pipeline_components,
                                       prompt_encoder)
 
 __all__ = ["BY_NAME", "Components", "Cond", "Conditioning", "FAMILIES", "ModelError", "ModelFamily", "cat_conditioning",
            "denoise", "detect_family", "embeds_of", "family_named", "family_of", "parse_dtype", "pipeline_components",
-           "prompt_encoder", "unet_kwargs", "with_embeds"]
+           "prompt_encoder", "unconditional_for", "unet_kwargs", "with_embeds"]

@@ -120,6 +120,25 @@ def with_embeds(cond: Cond, embeds: Tensor) -> Cond:
     return Conditioning(embeds, dict(cond.added)) if isinstance(cond, Conditioning) else embeds
 
 
+MICRO_CONDITIONING = ("time_ids",)   # added inputs that describe the sample (SDXL's sizes and crop), not the prompt
+
+
+def unconditional_for(uncond: Cond, cond: Cond) -> Cond:
+    """The empty prompt's conditioning for every row of ``cond``: the text parts of ``uncond`` (one
+    row, expanded) and each row's own micro-conditioning (:data:`MICRO_CONDITIONING`) from ``cond``,
+    as diffusers' SDXL pipeline pairs its negative prompt with the positive prompt's time ids; the
+    guidance ``eps(c) - eps(empty)`` then differs in the prompt only. Plain tensors: the expansion."""
+    n = len(cond)
+    out = uncond.expand(n, *uncond.shape[1:])
+    if not isinstance(out, Conditioning) or not isinstance(cond, Conditioning):
+        return out
+    added = dict(out.added)
+    for key in MICRO_CONDITIONING:
+        if key in added and key in cond.added:
+            added[key] = cond.added[key].to(added[key])
+    return Conditioning(out.embeds, added)
+
+
 def unet_kwargs(cond: Cond) -> dict[str, Any]:
     """The UNet keyword arguments of ``cond``: ``encoder_hidden_states`` and, when it has added
     conditioning, ``added_cond_kwargs``."""

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from memreg import log_tags as tags
 from memreg.config_schema import ConfigError
+from memreg.families import unconditional_for
 from memreg.guards.base import Guard, GuardBatch, GuardContext, GuardLoss
 from memreg.score import guidance_norm, to_epsilon
 
@@ -126,8 +127,9 @@ class WenFilterGuard(Guard):
         norms = []
         for b in ctx.calibration_batches(self.calibration_batches, gen):
             noisy, t = b["noisy"], b["timesteps"]
-            c = ctx.run_unet(noisy, t, ctx.encode(b["captions"]))
-            u = ctx.run_unet(noisy, t, uncond.expand(noisy.shape[0], *uncond.shape[1:]))
+            cond = ctx.encode(b["captions"])
+            c = ctx.run_unet(noisy, t, cond)
+            u = ctx.run_unet(noisy, t, unconditional_for(uncond, cond))
             norms.append(self.wen.norms(c, u, noisy, t).cpu())
         return torch.cat(norms)
 
@@ -144,9 +146,9 @@ class WenFilterGuard(Guard):
 
     def loss(self, batch: GuardBatch) -> GuardLoss:
         ctx = self.ctx
-        uncond = ctx.uncond()
+        uncond = unconditional_for(ctx.uncond(), batch.embeds)   # SDXL: the rows' own size/crop time ids
         with torch.no_grad():
-            u_pred = ctx.run_unet(batch.noisy, batch.timesteps, uncond.expand(batch.noisy.shape[0], *uncond.shape[1:]))
+            u_pred = ctx.run_unet(batch.noisy, batch.timesteps, uncond)
         keep = self.wen.keep(self.wen.norms(batch.model_pred, u_pred, batch.noisy, batch.timesteps))
         self._kept.append(keep.float())
         kept_total = ctx.reduce_sum(keep.sum().to(torch.float32).reshape(1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memreg.families import Conditioning, cat_conditioning, embeds_of, unet_kwargs, with_embeds
+from memreg.families import Conditioning, cat_conditioning, embeds_of, unconditional_for, unet_kwargs, with_embeds
 from memreg.guards import ExtraInputs, concat_inputs, split_output
 
 
@@ -60,3 +60,19 @@ def test_concat_inputs_and_split_output_round_trip_added_conditioning():
     out = cond.added["time_ids"][:, 0].view(-1, 1, 1, 1) + sample
     pred, extra_out = split_output(out, 2)
     assert pred.flatten(1)[:, 0].tolist() == [1.0, 2.0] and extra_out.flatten(1)[:, 0].tolist() == [4.0, 5.0, 6.0]
+
+
+def test_the_empty_prompt_takes_each_rows_time_ids_and_keeps_its_own_text_parts():
+    """Wen's filter and any eps(c) - eps(empty) on a training batch: the rows' size/crop time ids,
+    the empty prompt's embeddings and pooled embedding."""
+    uncond = Conditioning(torch.zeros(1, 3, 2), {"text_embeds": torch.full((1, 4), 7.0),
+                                                 "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+    cond = Conditioning(torch.ones(2, 3, 2), {"text_embeds": torch.ones(2, 4),
+                                              "time_ids": torch.tensor([[96.0, 80, 8, 0, 64, 64],
+                                                                        [64.0, 64, 0, 0, 64, 64]])})
+    u = unconditional_for(uncond, cond)
+    assert torch.equal(u.embeds, torch.zeros(2, 3, 2))
+    assert torch.equal(u.added["text_embeds"], torch.full((2, 4), 7.0))
+    assert u.added["time_ids"].tolist() == [[96, 80, 8, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
+    plain = unconditional_for(torch.zeros(1, 3, 2), torch.ones(5, 3, 2))   # SD: the expansion, nothing else
+    assert plain.shape == (5, 3, 2) and not plain.any()
