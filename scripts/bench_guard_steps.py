@@ -17,7 +17,6 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,37 +38,19 @@ def main(argv=None) -> dict[str, list[float]]:
     import torch
 
     from memreg.arch.build import vae_scale
-    from memreg.guards.anisotropy_gate.guard import AnisotropyGateGuard
 
     bench = load_script(REPO / "scripts" / "bench_train.py")
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    originals = {m: getattr(AnisotropyGateGuard, m) for m in METHODS}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                times[name].append(time.perf_counter() - t0)
-        return wrapper
-
     size = vae_scale(args.family) * args.latent
     overrides = {"mode": "lora", **bench.penalty_defaults(), "guard.every_n_steps": 1000,
                  "guard.calibration_prompts": 4, "guard.calibration_seeds": 1}
-    try:
-        for m in METHODS:
-            setattr(AnisotropyGateGuard, m, timed(m, originals[m]))
-        with tempfile.TemporaryDirectory(prefix="bench_guard_steps_") as tmp:
-            data = bench.write_imagefolder(Path(tmp) / "data", size=size)
-            cfg = bench.load_config(bench.run_argv(Path(args.arch_dir), data, Path(tmp) / "out", args.steps,
-                                                   bench.arch_argv(size, 2, args.steps)), overrides=overrides)
-            res = bench.train(cfg, meter=bench.SavedTensorMeter())
-    finally:
-        for m in METHODS:
-            setattr(AnisotropyGateGuard, m, originals[m])
+    with bench.MethodTimer(*METHODS) as timer, tempfile.TemporaryDirectory(prefix="bench_guard_steps_") as tmp:
+        data = bench.write_imagefolder(Path(tmp) / "data", size=size)
+        cfg = bench.load_config(bench.run_argv(Path(args.arch_dir), data, Path(tmp) / "out", args.steps,
+                                               bench.arch_argv(size, 2, args.steps)), overrides=overrides)
+        res = bench.train(cfg, meter=bench.SavedTensorMeter())
+    times = timer.seconds
     steps = [lg[bench.tags.PERF_STEP_TIME] for lg in res.logs]
     print("step times (s; step 1 probes):", " ".join(f"{s:.2f}" for s in steps))
     for m in METHODS:

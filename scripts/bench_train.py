@@ -216,30 +216,35 @@ def summarize(res, heap_peak: float, every: int | None = None) -> dict:
             "act": max(lg[tags.PERF_ACTIVATION_MB] for lg in res.logs), "heap": heap_peak}
 
 
-class CalibrationTimer:
-    """Wall time of each ``AnisotropyGateGuard.calibrate()`` call while active (the guard's one-off setup)."""
+class MethodTimer:
+    """Wall time of each call of the named ``AnisotropyGateGuard`` methods while active
+    (``seconds[name]``: one entry a call), e.g. ``calibrate``, the guard's one-off setup."""
 
-    def __init__(self):
-        self.seconds: list[float] = []
+    def __init__(self, *names: str):
+        self.names = names
+        self.seconds: dict[str, list[float]] = {n: [] for n in names}
 
     def __enter__(self):
         from memreg.guards.anisotropy_gate.guard import AnisotropyGateGuard
 
-        self._cls, self._orig = AnisotropyGateGuard, AnisotropyGateGuard.calibrate
-        timer = self
-
-        def timed(guard):
-            t0 = time.perf_counter()
-            try:
-                return timer._orig(guard)
-            finally:
-                timer.seconds.append(time.perf_counter() - t0)
-
-        AnisotropyGateGuard.calibrate = timed
+        self._cls = AnisotropyGateGuard
+        self._orig = {n: getattr(AnisotropyGateGuard, n) for n in self.names}
+        for n in self.names:
+            setattr(AnisotropyGateGuard, n, self._timed(n, self._orig[n]))
         return self
 
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name].append(time.perf_counter() - t0)
+        return timed
+
     def __exit__(self, *exc):
-        self._cls.calibrate = self._orig
+        for n, fn in self._orig.items():
+            setattr(self._cls, n, fn)
 
 
 def run_block(mode: str, configs: dict[str, dict], root: Path, model: Path, data: Path, steps: int, reps: int,
@@ -430,16 +435,17 @@ def main_arch(args, root: Path, steps: int) -> dict:
     extra = arch_argv(resolution, batch, steps)
     base = load_config(run_argv(model, data, root, steps, extra))
     out = {}
-    with CalibrationTimer() as calib:
+    with MethodTimer("calibrate") as timer:
+        calib = timer.seconds["calibrate"]
         for mode in args.modes:
             t0 = time.time()
-            n_before = len(calib.seconds)
+            n_before = len(calib)
             out[mode] = run_block(mode, block_configs(mode, args.k, args.configs or []), root, model, data, steps,
                                   args.reps, batch, extra, arch_argv(resolution, batch, 1))
-            del calib.seconds[n_before]     # the warm-up run's
+            del calib[n_before]     # the warm-up run's
             print_block(mode, out[mode], block_header(mode, base, args, steps, time.time() - t0),
                         ARCH_TARGETS.get(mode))
-    print_arch_extras(args, calib.seconds, captions_of(data), score_cost(model, batch, resolution))
+    print_arch_extras(args, calib, captions_of(data), score_cost(model, batch, resolution))
     return out
 
 
