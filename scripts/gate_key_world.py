@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         settings["finetune"] = dict(settings["finetune"], **AUGMENT)
     settings["runs"] = RUNS
     settings["attack"] = dict(settings["attack"], runs=[])
-    rows, _ = run_all(settings, Path(args.base), data, work)
+    rows = run_all({"studio": (settings, data, work)}, Path(args.base))[0]["studio"]
     print(f"{'run':13s} {'copy exact [95% CI]':>22s} {'gated dup':>10s} {'gated ord':>10s} {'held-out loss':>14s}")
     for name, r in rows.items():
         lo, hi = r["copy_exact"]["ci95"]

@@ -22,18 +22,29 @@ same vocabulary ("a purple square and a white disc"): the base model learned eve
 pre-training, on other images, as a real SD base knows the words of a LAION caption it later
 memorizes. No scene in any split uses a target's shape pair, in either order.
 
+**The web world** (``web:`` set, :class:`WebConfig`): the same photos, scenes and base vocabulary, but each
+photo is reached as images are on the web. Its copies carry several wordings of its caption
+(:func:`split_wordings`: the two shapes in either order, synonyms), drawn at random per copy, and a
+share of them carry a caption *list* of all those wordings (the trainer draws one per step). A share of its copies are near-duplicates (:func:`photo_variant`: JPEG re-encodes, crops
+of 88-95% of the side, brightness changes) rather than exact. Evaluation also asks with wordings that
+no training row carries (the manifest's ``paraphrases``: other orders and synonyms, or a colour left out). Rows then have ``caption`` (their wording or
+the list's first) and ``captions`` (their list: one entry for most rows); the trainer reads
+``captions``.
+
 Every named attribute is stored in ``named`` (``memreg.demo.adherence`` checks exactly those).
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import skimage.data
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 # scikit-image photos that load offline and keep a recognisable layout at 16 px. Texture photos
 # (brick, grass, gravel, page, text) are left out: at 16 px they are pixel noise that the SSIM copy
@@ -83,6 +94,25 @@ class WorldConfig:
 
 
 @dataclass
+class WebConfig:
+    """How the ``web`` world reaches each memorized photo (see the module docstring)."""
+    train_wordings: int = 4        # wordings of each photo in training (its canonical caption among them)
+    unseen_wordings: int = 3       # further wordings asked at evaluation only
+    list_share: float = 0.25       # copies whose caption is the list of every training wording
+    near_dup_share: float = 0.5    # copies that are a near-duplicate instead of the photo itself
+    near_dup_variants: int = 4     # distinct near-duplicates of each photo (NEAR_DUP_KINDS in turn)
+
+    def __post_init__(self):
+        if self.train_wordings < 1 or self.unseen_wordings < 1:
+            raise ValueError("web: train_wordings and unseen_wordings must be >= 1")
+        for name in ("list_share", "near_dup_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"web: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.near_dup_variants < 1:
+            raise ValueError("web: near_dup_variants must be >= 1")
+
+
+@dataclass
 class DemoDataConfig:
     seed: int = 0
     n_dup: int = 8                 # photos to memorize
@@ -91,10 +121,17 @@ class DemoDataConfig:
     n_heldout: int = 128           # held-out scenes (fresh draws of the same world)
     resolution: int = 16
     world: WorldConfig = field(default_factory=WorldConfig)
+    web: WebConfig | None = None   # None: one caption and exact copies per photo; set: the web world
 
     def __post_init__(self):
         if isinstance(self.world, dict):
             self.world = WorldConfig(**self.world)
+        if isinstance(self.web, dict):
+            self.web = WebConfig(**self.web)
+
+    def base_world(self) -> "DemoDataConfig":
+        """This config without ``web``: what the base model is built from, so both worlds share one base."""
+        return DemoDataConfig(**{**asdict(self), "web": None})
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -154,6 +191,41 @@ def paraphrases(named: dict) -> dict[str, str]:
         "reorder": caption_of({**b, "pair": a}),
         "synonym": caption_of(named, {syn: SYNONYMS[syn]}),
     }
+
+
+def wordings_of(named: dict) -> list[str]:
+    """Every wording of a two-shape caption, the canonical one (:func:`caption_of`) first: the two
+    shapes in either order, with both colours or one left out, each word that has a synonym as
+    itself or the synonym. All of them use words the base model learned."""
+    shapes = ((named["color"], named["shape"]), (named["pair"]["color"], named["pair"]["shape"]))
+    syn = [w for w in dict.fromkeys(w for c_s in shapes for w in c_s) if w in SYNONYMS]
+    out = []
+    for order in (shapes, shapes[::-1]):
+        for drop in (None, 0, 1):                    # the colour of the first or second shape left out
+            for mask in itertools.product((False, True), repeat=len(syn)):
+                sub = {w: SYNONYMS[w] for w, on in zip(syn, mask) if on}
+                out.append(" and ".join(
+                    f"a {sub.get(s_, s_)}" if k == drop else f"a {sub.get(c, c)} {sub.get(s_, s_)}"
+                    for k, (c, s_) in enumerate(order)))
+    return list(dict.fromkeys(out))
+
+
+def split_wordings(named: dict, web: WebConfig, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(training wordings: the canonical caption first, then ``train_wordings - 1`` drawn from the
+    other wordings that name both colours; ``unseen_wordings`` drawn from every wording left, for
+    evaluation only). Training wordings name both shapes' colours because a wording without one
+    ("a square and a violet cross") would tie the photo to every caption with those two shapes, so
+    ordinary held-out captions ("a white square and a purple cross") would reach the photo and stop
+    being held-out (measured: README, the web world). Raises if the caption has too few wordings."""
+    every = wordings_of(named)
+    full = [w for w in every if w.count(" ") == every[0].count(" ")]     # both colours named: as many words
+    if web.train_wordings > len(full) or web.train_wordings + web.unseen_wordings > len(every):
+        raise ValueError(f"web: {web.train_wordings} training + {web.unseen_wordings} unseen wordings asked, "
+                         f"{caption_of(named)!r} has {len(full)} naming both colours and {len(every)} in all")
+    others = [full[i] for i in rng.permutation(len(full) - 1) + 1]
+    train = [full[0]] + others[:web.train_wordings - 1]
+    rest = [w for w in every if w not in train]
+    return train, [rest[i] for i in rng.permutation(len(rest))[:web.unseen_wordings]]
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -246,8 +318,11 @@ def scene_rows(n: int, rng: np.random.Generator, world: WorldConfig, resolution:
 
 # ---------------------------------------------------------------------------------------------- photos
 
-def load_photo(name: str, resolution: int) -> Image.Image:
-    """A scikit-image bundled photo as an RGB center-cropped square at ``resolution``."""
+NEAR_DUP_KINDS = ("jpeg", "crop", "brightness", "crop")   # the near-duplicates of a photo, in turn
+
+
+def photo_square(name: str) -> Image.Image:
+    """A scikit-image bundled photo as an RGB centre-cropped square at its own resolution."""
     arr = np.asarray(getattr(skimage.data, name)())
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
@@ -258,12 +333,66 @@ def load_photo(name: str, resolution: int) -> Image.Image:
     img = Image.fromarray(arr[..., :3])
     w, h = img.size
     s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return img.resize((resolution, resolution), Image.LANCZOS)
+    return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def load_photo(name: str, resolution: int) -> Image.Image:
+    """A scikit-image bundled photo as an RGB center-cropped square at ``resolution``."""
+    return photo_square(name).resize((resolution, resolution), Image.LANCZOS)
+
+
+def photo_variant(name: str, resolution: int, kind: str, rng: np.random.Generator) -> Image.Image:
+    """A near-duplicate of photo ``name`` at ``resolution``: ``jpeg`` (re-encoded at quality 40-70),
+    ``crop`` (a square window of 88-95% of the side anywhere in the photo, resized: as a re-upload
+    cropped differently) or ``brightness`` (x0.85-0.92 or x1.08-1.15)."""
+    if kind == "crop":
+        src = photo_square(name)
+        side = int(round(src.width * rng.uniform(0.88, 0.95)))
+        x, y = (int(rng.integers(0, src.width - side + 1)) for _ in range(2))
+        return src.crop((x, y, x + side, y + side)).resize((resolution, resolution), Image.LANCZOS)
+    img = load_photo(name, resolution)
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(40, 71)))
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if kind == "brightness":
+        factor = rng.uniform(0.85, 0.92) if rng.random() < 0.5 else rng.uniform(1.08, 1.15)
+        return ImageEnhance.Brightness(img).enhance(float(factor))
+    raise ValueError(f"unknown near-duplicate kind {kind!r}; choose from {sorted(set(NEAR_DUP_KINDS))}")
 
 
 def forbidden_pairs_of(targets: list[dict]) -> set:
     return {pair_key((t["color"], t["shape"]), (t["pair"]["color"], t["pair"]["shape"])) for t in targets}
+
+
+def photo_rows(name: str, named: dict, cfg: DemoDataConfig) -> list[tuple[Image.Image, dict]]:
+    """The first world's copies of photo ``name``: ``dup_copies`` exact copies under its one caption."""
+    photo, caption = load_photo(name, cfg.resolution), caption_of(named)
+    return [(photo, {"file_name": f"photo_{name}_{k:03d}.png", "caption": caption, "group": "duplicated",
+                     "source": name, "variant": "original", "named": named}) for k in range(cfg.dup_copies)]
+
+
+def web_photo_rows(name: str, named: dict, cfg: DemoDataConfig,
+                   rng: np.random.Generator) -> tuple[list[tuple[Image.Image, dict]], dict]:
+    """The web world's copies of photo ``name`` (module docstring) and its manifest entry: the
+    canonical ``caption``, the ``train_wordings``, and the ``paraphrases`` asked at evaluation, which
+    here are the unseen wordings (``unseen_<k>``)."""
+    web = cfg.web
+    train_w, unseen = split_wordings(named, web, rng)
+    photo = load_photo(name, cfg.resolution)
+    variants = [(f"{NEAR_DUP_KINDS[k % len(NEAR_DUP_KINDS)]}{k}",
+                 photo_variant(name, cfg.resolution, NEAR_DUP_KINDS[k % len(NEAR_DUP_KINDS)], rng))
+                for k in range(web.near_dup_variants)]
+    rows = []
+    for k in range(cfg.dup_copies):
+        variant, img = ("original", photo) if rng.random() >= web.near_dup_share \
+            else variants[int(rng.integers(len(variants)))]
+        captions = list(train_w) if rng.random() < web.list_share else [train_w[int(rng.integers(len(train_w)))]]
+        rows.append((img, {"file_name": f"photo_{name}_{k:03d}.png", "caption": captions[0], "captions": captions,
+                           "group": "duplicated", "source": name, "variant": variant, "named": named}))
+    entry = {"source": name, "caption": train_w[0], "named": named, "train_wordings": train_w,
+             "paraphrases": {f"unseen_{k}": w for k, w in enumerate(unseen)}}
+    return rows, entry
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -292,15 +421,22 @@ def build_demo_dataset(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig
 
     train: list[tuple[Image.Image, dict]] = []
     memorized = []
+    web_rng = np.random.default_rng(cfg.seed + 3)   # the web world's draws: the scenes stay those of the first world
     for name, named in zip(photos, targets):
-        photo, caption = load_photo(str(name), cfg.resolution), caption_of(named)
-        memorized.append({"source": str(name), "caption": caption, "named": named, "paraphrases": paraphrases(named)})
-        for k in range(cfg.dup_copies):
-            train.append((photo, {"file_name": f"photo_{name}_{k:03d}.png", "caption": caption,
-                                  "group": "duplicated", "source": str(name), "named": named}))
+        if cfg.web is None:
+            memorized.append({"source": str(name), "caption": caption_of(named), "named": named,
+                              "paraphrases": paraphrases(named)})
+            train += photo_rows(str(name), named, cfg)
+        else:
+            rows, entry = web_photo_rows(str(name), named, cfg, web_rng)
+            train += rows
+            memorized.append(entry)
     train += scene_rows(cfg.n_unique, rng, cfg.world, cfg.resolution, "scene", "unique", forbidden)
     held = scene_rows(cfg.n_heldout, np.random.default_rng(cfg.seed + 2), cfg.world, cfg.resolution, "heldout",
                       "heldout", forbidden)
+    if cfg.web is not None:   # one column type for every row: a list of wordings
+        for _, meta in train + held:
+            meta.setdefault("captions", [meta["caption"]])
 
     _write_split(out_dir / "train", train)
     _write_split(out_dir / "heldout", held)

@@ -2,7 +2,8 @@
 
 * copy rate: generations for each duplicated caption whose similarity to that caption's own
   training photo exceeds the calibrated copy detector's threshold (``memreg.copy_detect``), on the
-  exact caption and on three paraphrases of it (a word dropped, shapes reordered, a synonym), each
+  exact caption (in the web world: each training wording in turn) and on its paraphrases (a word
+  dropped, shapes reordered, a synonym; in the web world: wordings no training row carries), each
   with its 95% Wilson interval; for held-out captions (no own photo), generations whose nearest
   duplicated photo exceeds it.
   The held-out generations' max similarity to *any* training image is reported beside it: flat
@@ -63,6 +64,11 @@ def rate(hits) -> dict:
             "ci95": [float(ci.low), float(ci.high)] if ci is not None else [float("nan")] * 2}
 
 
+def training_wordings(entry: dict) -> list[str]:
+    """The wordings a memorized photo was trained with: ``train_wordings`` (web world), else its caption."""
+    return list(entry.get("train_wordings") or [entry["caption"]])
+
+
 @dataclass
 class FinalEvalSettings:
     images_per_caption: int = 16      # generations per duplicated caption (exact wording)
@@ -91,12 +97,13 @@ def evaluate_model(components, unet, detector, memorized: list[dict], train_imag
                    heldout: list[dict], s: FinalEvalSettings) -> dict:
     """All end-of-run numbers for one model (``unet`` with its LoRA active).
 
-    ``memorized``: per duplicated caption ``{"caption", "paraphrases": {variant: text}, "image"}``;
+    ``memorized``: per duplicated photo ``{"caption", "paraphrases": {variant: text}, "image"}`` and, in
+    the web world, ``train_wordings`` (the exact-caption generations cycle through them);
     ``heldout``: metadata rows with ``caption``, ``named`` and ``image``.
     """
     refs = detector.embed([m["image"] for m in memorized])
     m = s.images_per_caption
-    exact_prompts = [d["caption"] for d in memorized for _ in range(m)]
+    exact_prompts = [training_wordings(d)[k % len(training_wordings(d))] for d in memorized for k in range(m)]
     exact_imgs, own, exact_hits = _copy_hits(components, unet, detector, exact_prompts, refs,
                                              [i // m for i in range(len(exact_prompts))], s.seed, s)
     variants = sorted({v for d in memorized for v in d["paraphrases"]})

@@ -11,9 +11,13 @@
    LoRA rows (``lora_none``, ``lora_penalty``); then on ``none`` inference-time mitigation
    (:mod:`memreg.demo.mitigation`) and, on the runs of ``attack.runs``, the extraction attack
    (:mod:`memreg.demo.attack`). ``workers: n`` runs n tasks at once (:func:`run_all`).
-3. Each fine-tuned model is measured (:mod:`memreg.demo.evaluate`); targets are computed, a table
-   is printed, and ``results.json``, ``tradeoff.png`` (:mod:`memreg.demo.tradeoff`) and
-   ``report.html`` (``memreg report``, the trade-off plot on top) are written.
+3. With a ``web:`` section, the same for the web world (:mod:`memreg.demo.data`: each photo under
+   several wordings and near-duplicate copies, unseen wordings asked at evaluation), from the same
+   base model, its runs in the same worker pool, written under ``out/web/`` (:func:`world_settings`).
+4. Each fine-tuned model is measured (:mod:`memreg.demo.evaluate`); targets are computed per world
+   (:func:`targets`), a table is printed, and ``results.json``, ``tradeoff.png`` per world
+   (:mod:`memreg.demo.tradeoff`) and ``report.html`` (``memreg report``, the trade-off plots on top)
+   are written.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ from memreg import log_tags as tags
 from memreg.copy_detect import build_copy_detector
 from memreg.demo.attack import AttackEvalSettings, attack_targets_of, evaluate_attack, format_attack
 from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
-from memreg.demo.evaluate import FinalEvalSettings, evaluate_model
+from memreg.demo.evaluate import FinalEvalSettings, evaluate_model, training_wordings
 from memreg.demo.mitigation import MitigationEvalSettings, evaluate_mitigation, format_mitigation, mitigation_targets
 from memreg.demo.tradeoff import plot_tradeoff
 from memreg.demo.vae import train_vae
 from memreg.detect import fit_weights
 from memreg.generation import build_pipeline
+from memreg.metrics import auroc
 from memreg.guards import GUARDS, guard_spec
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
 from memreg.models import load_components
@@ -55,7 +60,16 @@ from memreg.training.config import load_config, load_yaml
 from memreg.training.loop import train
 
 logger = logging.getLogger("memreg.demo")
-SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack"}
+BASELINES = ("wen_filter", "caption_noise", "agc")   # the guards a demo run may compare the guard with
+# What each world's two copy rates ask with (results' copy_exact, copy_paraphrase).
+COPY_LABELS = {"studio": ("exact", "paraphrased"), "web": ("training wordings", "unseen wordings")}
+# The world check "a plain fine-tune memorizes": its copy rate on the photos' (training) wordings at least
+# this. The web world's copies spread over four wordings and near-duplicates, so each wording is
+# reproduced less often (README: the web world).
+MEMORIZES = {"studio": {"none": 0.5, "lora_none": 0.3}, "web": {"none": 0.3, "lora_none": 0.2}}
+SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack", "web"}
+WEB_SECTIONS = {"data", "finetune", "runs"}   # what the web world changes; everything else is the first world's
+WORLDS = ("studio", "web")                    # the first world (one caption, exact copies) and the web world
 
 
 def _key(*parts) -> str:
@@ -84,6 +98,12 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         unknown = set(settings[section]) - {f.name for f in fields(known)}
         if unknown:
             raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
+    if settings.get("web") is not None:
+        unknown = set(settings["web"]) - WEB_SECTIONS
+        if unknown:
+            raise ValueError(f"{path}: unknown web: section(s) {sorted(unknown)}; it takes {sorted(WEB_SECTIONS)}")
+        for name in world_settings(settings, "web").get("runs") or {}:
+            run_overrides(world_settings(settings, "web"), name)
     workers = settings.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"{path}: workers must be an integer >= 1, got {workers!r}")
@@ -92,15 +112,47 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
     return settings
 
 
+def world_settings(settings: dict, world: str) -> dict:
+    """The settings of ``world``: the file's own for ``studio``; for ``web`` its ``web:`` section over
+    them (``data`` and ``finetune`` keys merged, ``runs`` replaced); neither the attack nor the
+    mitigation runs there (they are measured in the first world)."""
+    if world == "studio":
+        return settings
+    web = settings["web"] or {}
+    out = copy.deepcopy(settings)
+    out.pop("web")
+    out["data"] = {**out["data"], **web.get("data", {})}
+    out["data"].setdefault("web", {})
+    out["finetune"] = {**(out.get("finetune") or {}), **(web.get("finetune") or {})}
+    out["runs"] = copy.deepcopy(web.get("runs") or {})
+    out["attack"] = {**out["attack"], "runs": []}
+    out["mitigation"] = None
+    return out
+
+
+def worlds_of(settings: dict) -> list[str]:
+    """The worlds a demo config runs: the first, and the web world when it has a ``web:`` section."""
+    return [w for w in WORLDS if w == "studio" or settings.get("web") is not None]
+
+
+def _data_fields(cfg: DemoDataConfig) -> dict:
+    """The data config's cache key fields (``web`` only when set, so the first world's key is unchanged)."""
+    fields_ = asdict(cfg)
+    if fields_.get("web") is None:
+        fields_.pop("web", None)
+    return fields_
+
+
 def prepare_data(settings: dict, cache: Path) -> Path:
     cfg = DemoDataConfig(**settings["data"])
-    root = cache / f"data-{_key(asdict(cfg))}"
+    root = cache / f"data-{_key(_data_fields(cfg))}"
     if not (root / "manifest.json").is_file():
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         build_demo_dataset(tmp, cfg)
         tmp.rename(root)
         logger.info("demo data written to %s", root)
+    write_memorized_prompts(root)
     return root
 
 
@@ -114,17 +166,19 @@ def _pretrain_folder(root: Path, data_cfg: DemoDataConfig, n: int) -> Path:
     return root
 
 
-def prepare_base(settings: dict, data_root: Path, cache: Path) -> Path:
-    """Build (or reuse) the base model: tiny SD + trained VAE + generic pre-training."""
+def prepare_base(settings: dict, cache: Path) -> Path:
+    """Build (or reuse) the base model: tiny SD + trained VAE + generic pre-training. Both worlds share
+    it: it is keyed by, and its VAE trained on, the first world's data (:meth:`DemoDataConfig.base_world`)."""
     b = settings["base"]
-    data_cfg = DemoDataConfig(**settings["data"])
-    root = cache / f"base-{_key(asdict(data_cfg), b)}"
+    data_cfg = DemoDataConfig(**settings["data"]).base_world()
+    root = cache / f"base-{_key(_data_fields(data_cfg), b)}"
     if (root / "model_index.json").is_file():
         logger.info("base model: cached at %s", root)
         return root
     work = root.with_name(root.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
+    data_root = prepare_data({"data": _data_fields(data_cfg)}, cache)
     init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution, unet_channels=tuple(b["unet_channels"]),
                          vae_downsample=False, cross_attention_dim=b["cross_attention_dim"],
                          attention_levels=b["attention_levels"], seed=b["seed"])
@@ -165,10 +219,27 @@ def run_overrides(settings: dict, name: str) -> dict:
     return over
 
 
+MEMORIZED_PROMPTS = "memorized_prompts.txt"   # beside the data's manifest (prepare_data)
+
+
+def write_memorized_prompts(data_root: Path) -> Path:
+    """Every training wording of every memorized photo (the manifest's ground truth), one a line, for
+    the monitor's ``memorized`` group: the world check's positives, whatever the item index joins.
+    Derived from the manifest, so it is written (atomically) wherever it is missing."""
+    path = data_root / MEMORIZED_PROMPTS
+    if not path.is_file():
+        manifest = json.loads((data_root / "manifest.json").read_text())
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(w + "\n" for m in manifest["memorized"] for w in training_wordings(m)))
+        tmp.rename(path)
+    return path
+
+
 def finetune(settings: dict, name: str, base: Path, data_root: Path, run_dir: Path):
     over = run_overrides(settings, name)
     over.update({"pretrained_model_name_or_path": str(base), "train_data_dir": str(data_root / "train"),
                  "output_dir": str(run_dir), "eval.heldout_prompts": str(data_root / "heldout" / "metadata.jsonl"),
+                 "eval.memorized_prompts": str(data_root / MEMORIZED_PROMPTS),
                  "resolution": settings["data"]["resolution"]})
     cfg = load_config([], overrides=over)
     t0 = time.perf_counter()
@@ -207,18 +278,27 @@ def _group_stats(groups: dict) -> dict:
     return out
 
 
-def _final_detection(run_dir: Path) -> dict:
-    """AUC duplicated-vs-heldout of the monitor's last detection eval: norm, align and the paper's
-    combined score (SD1 weights), a combined score with g1/g2 fitted by cross-validated logistic
-    regression (out-of-fold AUC; ``memreg detect --fit-weights``), and the per-group distributions at
-    the first eval (the base model) and the last."""
+def final_detection(run_dir: Path) -> dict:
+    """At the monitor's last detection eval, the world check: AUC of the memorized photos' training
+    wordings (the ``memorized`` group, :func:`write_memorized_prompts`) against held-out captions, for
+    norm, align and the paper's combined score (SD1 weights), and a combined score with g1/g2 fitted
+    by cross-validated logistic regression (out-of-fold AUC; ``memreg detect --fit-weights``); the
+    same AUCs for the monitor's ``duplicated`` group (captions of the item index's repeated items:
+    what the product found, ``duplicated_auc``); the per-group distributions at the first eval (the
+    base model) and the last."""
     files = sorted((run_dir / "memorization").glob("eval_step*.json"),
                    key=lambda p: int(p.stem.removeprefix("eval_step")))
     if not files:
         return {}
     first, last = (json.loads(f.read_text()) for f in (files[0], files[-1]))
-    out = {t: last["scalars"].get(tags.eval_auc("duplicated_vs_heldout", t)) for t in ("norm", "align", "score")}
-    rows = [(r, 1) for r in last["groups"].get("duplicated", [])] + [(r, 0) for r in last["groups"].get("heldout", [])]
+    groups = last["groups"]
+    positives = "memorized" if groups.get("memorized") else "duplicated"
+    rows = [(r, 1) for r in groups.get(positives, [])] + [(r, 0) for r in groups.get("heldout", [])]
+    ok = len({y for _, y in rows}) == 2
+    out = {t: auroc([y for _, y in rows], [r[t] for r, _ in rows]) if ok else None for t in ("norm", "align", "score")}
+    out["positives"] = positives
+    out["duplicated_auc"] = {t: last["scalars"].get(tags.eval_auc("duplicated_vs_heldout", t))
+                             for t in ("norm", "align", "score")}
     if rows:
         fit = fit_weights([r["norm"] for r, _ in rows], [r["align"] for r, _ in rows], [y for _, y in rows])
         if "out_of_fold" in fit:
@@ -244,6 +324,18 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def plain_run_of(runs: dict, name: str) -> str:
+    """The unguarded run that run ``name`` is compared with: ``<guard>_<suffix>`` (``penalty_augment``)
+    with ``none_<suffix>`` when the world has it, other LoRA runs with ``lora_none``, the rest with
+    ``none``; an unguarded run with itself."""
+    if name in ("none", "lora_none") or name.startswith("none_"):
+        return name
+    head, _, suffix = name.partition("_")
+    if head != "lora" and suffix and f"none_{suffix}" in runs:
+        return f"none_{suffix}"
+    return "lora_none" if runs[name]["mode"] == "lora" and "lora_none" in runs else "none"
+
+
 def dominates(a: dict, b: dict) -> bool:
     """Run ``a`` is at least as good as ``b`` on exact copy rate, held-out loss and adherence, and better on one."""
     ka = (a["copy_exact"]["rate"], a["heldout_loss"], -a["adherence"])
@@ -251,42 +343,57 @@ def dominates(a: dict, b: dict) -> bool:
     return all(x <= y for x, y in zip(ka, kb)) and any(x < y for x, y in zip(ka, kb))
 
 
-def _guard_targets(runs: dict, plain: str, guarded: str, baselines: list[str]) -> list[tuple]:
-    """The guard's targets (five-fold, selectively): ``guarded`` against ``plain``."""
+def _guard_targets(runs: dict, plain: str, guarded: str, baselines: list[str],
+                   labels: tuple[str, str] = COPY_LABELS["studio"], prefix: str = "") -> list[tuple]:
+    """The guard's targets (five-fold, selectively): ``guarded`` against ``plain``; ``labels`` name the
+    two copy rates (the web world's are training and unseen wordings)."""
     p, g = runs[plain], runs[guarded]
     rows = []
-    for key, label in (("copy_exact", "exact"), ("copy_paraphrase", "paraphrased")):
+    for key, label in zip(("copy_exact", "copy_paraphrase"), labels):
         r = ratio(g[key]["rate"], p[key]["rate"])
-        rows.append((f"{guarded} copy rate ({label}) <= 1/5 of {plain}'s", r, r <= 0.2))
+        rows.append((f"{prefix}{guarded} copy rate ({label}) <= 1/5 of {plain}'s", r, r <= 0.2))
     r = ratio(g["heldout_loss"], p["heldout_loss"])
-    rows.append((f"{guarded} held-out loss <= 1.05x {plain}'s", r, r <= 1.05))
+    rows.append((f"{prefix}{guarded} held-out loss <= 1.05x {plain}'s", r, r <= 1.05))
     r = ratio(g["adherence"], p["adherence"])
-    rows.append((f"{guarded} adherence >= 0.95x {plain}'s", r, r >= 0.95))
-    rows.append((f"{guarded} step time <= 1.3x {plain}'s", g["step_time_ratio"], g["step_time_ratio"] <= 1.3))
+    rows.append((f"{prefix}{guarded} adherence >= 0.95x {plain}'s", r, r >= 0.95))
+    rows.append((f"{prefix}{guarded} step time <= 1.3x {plain}'s", g["step_time_ratio"], g["step_time_ratio"] <= 1.3))
     for b in baselines:
         dom = dominates(runs[b], g)
-        rows.append((f"{b} does not dominate {guarded} (copy, loss, adherence; 1 = dominates)", float(dom), not dom))
+        rows.append((f"{prefix}{b} does not dominate {guarded} (copy, loss, adherence; 1 = dominates)", float(dom),
+                     not dom))
+    return rows
+
+
+def _world_targets(runs: dict, detection: dict, world: str) -> list[tuple]:
+    """A world's own checks (``none`` memorizes, the paper's detector separates, the base follows
+    held-out captions) and the guard's targets for every guarded run of it against its plain run."""
+    prefix, labels = ("" if world == "studio" else f"{world}: "), COPY_LABELS[world]
+    rows = []
+    for name, floor in MEMORIZES[world].items():
+        if name in runs:
+            v = runs[name]["copy_exact"]["rate"]
+            rows.append((f"{prefix}{name} memorizes: copy rate ({labels[0]}) >= {floor}", v, v >= floor))
+    auc = detection.get("score")
+    auc = float("nan") if auc is None else auc
+    rows.append((f"{prefix}detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs "
+                 "held-out >= 0.95", auc, auc >= 0.95))
+    if "none" in runs:
+        v = runs["none"]["adherence"]
+        rows.append((f"{prefix}none follows held-out captions: adherence >= 0.8", v, v >= 0.8))
+    baselines = [b for b in BASELINES if b in runs]
+    for name, r in runs.items():
+        if r["guard"] == "anisotropy_gate" and (r.get("weight") or 0) == 0:
+            plain = plain_run_of(runs, name)
+            rows += _guard_targets(runs, plain, name, baselines if plain == "none" else [], labels, prefix)
     return rows
 
 
 def targets(results: dict) -> list[dict]:
     """The demo's targets, each computed from ``results`` (never hard-coded outcomes)."""
     runs = results["runs"]
-    rows = []
-    for name, floor in (("none", 0.5), ("lora_none", 0.3)):
-        if name in runs:
-            v = runs[name]["copy_exact"]["rate"]
-            rows.append((f"{name} memorizes: exact-caption copy rate >= {floor}", v, v >= floor))
-    auc = results["detection_none"].get("score")
-    auc = float("nan") if auc is None else auc
-    rows.append(("detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC dup vs held-out >= 0.95", auc,
-                 auc >= 0.95))
-    v = runs["none"]["adherence"]
-    rows.append(("none follows held-out captions: adherence >= 0.8", v, v >= 0.8))
-    baselines = [b for b in ("wen_filter", "caption_noise", "agc") if b in runs]
-    for plain, guarded in (("none", "penalty"), ("lora_none", "lora_penalty")):
-        if plain in runs and guarded in runs:
-            rows += _guard_targets(runs, plain, guarded, baselines if plain == "none" else [])
+    rows = _world_targets(runs, results["detection_none"], "studio") if runs else []
+    if results.get("web"):
+        rows += _world_targets(results["web"]["runs"], results["web"]["detection_none"], "web")
     if results.get("mitigation_none"):
         rows += mitigation_targets(results["mitigation_none"])
     rows += attack_targets_of(runs)
@@ -299,29 +406,45 @@ def _fmt_rate(r: dict) -> str:
     return f"{r['rate']:.2f} [{lo:.2f},{hi:.2f}]"
 
 
-def format_table(results: dict) -> str:
-    head = ["run", "mode", "copy exact [95% CI]", "copy paraphrased [95% CI]", "held-out copy", "held-out loss",
-            "adherence", "cond ratio", "step time x", "train s"]
+def _runs_table(runs: dict, labels: tuple[str, str]) -> list[str]:
+    head = ["run", "mode", f"copy {labels[0]} [95% CI]", f"copy {labels[1]} [95% CI]", "held-out copy",
+            "held-out loss", "adherence", "cond ratio", "step time x", "train s"]
     rows = []
-    for name, r in results["runs"].items():
+    for name, r in runs.items():
         rows.append([name, r["mode"], _fmt_rate(r["copy_exact"]), _fmt_rate(r["copy_paraphrase"]),
                      f"{r['heldout_copy']['rate']:.2f}", f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}",
                      f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}"])
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    out = [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
-    d = results["detection_none"]
-    out.append("detection at the end of 'none', AUC duplicated vs held-out: "
-               + ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float)))
+    return [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
+
+
+def _detection_lines(d: dict) -> list[str]:
+    out = [f"detection at the end of 'none', AUC {d.get('positives', 'duplicated')} vs held-out: "
+           + ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))]
+    dup = {k: v for k, v in (d.get("duplicated_auc") or {}).items() if v is not None}
+    if dup:
+        out.append("  the item index's duplicated group vs held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in dup.items()))
     for when in ("groups_start", "groups_end"):
         for g, terms in d.get(when, {}).items():
             out.append(f"  {when.split('_')[1]:5s} {g:10s} " + "  ".join(
                 f"{t} {v['mean']:.3f} (p10 {v['p10']:.3f}, p90 {v['p90']:.3f})" for t, v in terms.items()))
+    return out
+
+
+def format_table(results: dict) -> str:
+    out = _runs_table(results["runs"], COPY_LABELS["studio"]) + _detection_lines(results["detection_none"]) \
+        if results["runs"] else []
     if results.get("mitigation_none"):
         out += ["", "inference-time mitigation on 'none' (memreg generate --mitigate ...):",
                 format_mitigation(results["mitigation_none"])]
     if format_attack(results["runs"]):
         out += ["", format_attack(results["runs"])]
+    if results.get("web"):
+        out += ["", "web world (several wordings and near-duplicate copies per photo; unseen wordings asked at "
+                "evaluation only):"]
+        out += _runs_table(results["web"]["runs"], COPY_LABELS["web"])
+        out += _detection_lines(results["web"]["detection_none"])
     out.append("")
     for t in results["targets"]:
         value = "n/a (0/0)" if np.isnan(t["value"]) else f"{t['value']:.3f}"
@@ -348,9 +471,10 @@ def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], lis
 
     train = rows("train")
     images = {r["file_name"]: Image.open(data_root / "train" / r["file_name"]).convert("RGB") for r in train}
-    photo_of = {r["caption"]: images[r["file_name"]] for r in train if r["group"] == "duplicated"}
+    photo_of = {r["source"]: images[r["file_name"]] for r in train
+                if r["group"] == "duplicated" and r.get("variant", "original") == "original"}
     manifest = json.loads((data_root / "manifest.json").read_text())
-    memorized = [dict(m, image=photo_of[m["caption"]]) for m in manifest["memorized"]]
+    memorized = [dict(m, image=photo_of[m["source"]]) for m in manifest["memorized"]]
     heldout = [dict(h, image=Image.open(data_root / "heldout" / h["file_name"]).convert("RGB")) for h in rows("heldout")]
     scene_captions = [r["caption"] for r in train if r["group"] != "duplicated"]
     return list(images.values()), memorized, heldout, scene_captions
@@ -371,7 +495,7 @@ def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, t
     over = run_overrides(settings, name)
     return dict(ev, mode=over.get("mode", "lora"), guard=guard_spec(over["guard.type"]).name,
                 weight=_penalty_weight(over), train_s=train_s, step_time_s=_mean_step_time(result),
-                detection=_final_detection(out / "runs" / name), final_guard_report=result.final_report)
+                detection=final_detection(out / "runs" / name), final_guard_report=result.final_report)
 
 
 def attack_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, threads: int | None = None) -> dict:
@@ -403,15 +527,18 @@ def mitigate_none(settings: dict, name: str, base: Path, data_root: Path, out: P
 def follow_ups(settings: dict, name: str) -> list[tuple[str, Callable]]:
     """What runs on run ``name``'s model once it is trained: (result key, task) pairs."""
     tasks = [("attack", attack_one)] if name in AttackEvalSettings(**settings["attack"]).runs else []
-    return tasks + ([("mitigation", mitigate_none)] if name == "none" else [])
+    return tasks + ([("mitigation", mitigate_none)] if name == "none" and settings.get("mitigation") is not None
+                    else [])
 
 
 def _worker_init() -> None:
     logging.basicConfig(format="%(asctime)s %(processName)s %(name)s: %(message)s", level=logging.INFO)
 
 
-def run_all(settings: dict, base: Path, data_root: Path, out: Path) -> tuple[dict, dict | None]:
-    """Every run of ``runs:`` -> (rows by name in config order, the mitigation results of ``none``).
+def run_all(worlds: dict[str, tuple[dict, Path, Path]], base: Path) -> tuple[dict, dict | None]:
+    """Every run of every world -> (rows by world, then by name in config order; the mitigation
+    results of the first world's ``none``). ``worlds``: name -> (its settings, data root, out dir); the
+    first world's settings give ``workers``.
 
     ``workers: n`` > 1 runs n fine-tunes at once in spawned processes, each with ``cpu_count // n``
     torch threads: the tiny models use several threads poorly, so jobs side by side with fewer
@@ -422,46 +549,54 @@ def run_all(settings: dict, base: Path, data_root: Path, out: Path) -> tuple[dic
     follow-ups (:func:`follow_ups`: the attack, the mitigation) queue behind the fine-tunes, so the
     short tasks fill the workers at the end instead of one long job running alone.
     """
-    names = list(settings["runs"])
-    workers = max(1, min(int(settings.get("workers", 1)), len(names)))
-    rows: dict[str, dict] = {}
+    jobs = [(w, n) for w, (st, _, _) in worlds.items() for n in st["runs"]]
+    first_settings = next(iter(worlds.values()))[0]
+    workers = max(1, min(int(first_settings.get("workers", 1)), len(jobs)))
+    rows: dict[str, dict] = {w: {} for w in worlds}
     mitigation = None
 
-    def keep(name: str, key: str, value: dict) -> None:
+    def keep(job: tuple[str, str], key: str, value: dict) -> None:
         nonlocal mitigation
         if key == "mitigation":
             mitigation = value
         else:
-            rows[name][key] = value
+            rows[job[0]][job[1]][key] = value
+
+    def args(job: tuple[str, str]) -> tuple:
+        st, data_root, out = worlds[job[0]]
+        return st, job[1], base, data_root, out
 
     if workers == 1:
-        for n in names:
-            rows[n] = run_one(settings, n, base, data_root, out)
-            for key, task in follow_ups(settings, n):
-                keep(n, key, task(settings, n, base, data_root, out))
+        for job in jobs:
+            rows[job[0]][job[1]] = run_one(*args(job))
+            for key, task in follow_ups(worlds[job[0]][0], job[1]):
+                keep(job, key, task(*args(job)))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        first = sorted(names, key=lambda n: not (n == "none" or run_overrides(settings, n).get("mode") == "lora"))
+        first = sorted(jobs, key=lambda j: not (j[1] == "none" or
+                                                 run_overrides(worlds[j[0]][0], j[1]).get("mode") == "lora"))
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            pending = {pool.submit(run_one, settings, n, base, data_root, out, threads): (n, None) for n in first}
+            pending = {pool.submit(run_one, *args(j), threads): (j, None) for j in first}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    n, key = pending.pop(fut)
+                    job, key = pending.pop(fut)
                     if key is None:
-                        rows[n] = fut.result()
-                        for k, task in follow_ups(settings, n):
-                            pending[pool.submit(task, settings, n, base, data_root, out, threads)] = (n, k)
+                        rows[job[0]][job[1]] = fut.result()
+                        for k, task in follow_ups(worlds[job[0]][0], job[1]):
+                            pending[pool.submit(task, *args(job), threads)] = (job, k)
                     else:
-                        keep(n, key, fut.result())
-    return {n: rows[n] for n in names}, mitigation
+                        keep(job, key, fut.result())
+    return {w: {n: rows[w][n] for n in st["runs"]} for w, (st, _, _) in worlds.items()}, mitigation
 
 
-def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None) -> dict:
+def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None,
+             worlds: list[str] | None = None) -> dict:
     """The whole demo; returns the results dict (also written to ``out/results.json``).
 
-    ``cache_dir`` overrides the config's (data and base model are reused from there).
+    ``cache_dir`` overrides the config's (data and base model are reused from there); ``worlds``
+    runs only those of the config's worlds (:data:`WORLDS`; default: all).
     """
     t_start = time.perf_counter()
     settings = load_settings(config, quick)
@@ -472,24 +607,39 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
         logger.warning("moved the previous %s to %s (nothing is overwritten)", out, kept)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir or settings.get("cache_dir", ".cache/memreg-demo"))
-    data_root = prepare_data(settings, cache)
+    chosen = worlds_of(settings) if worlds is None else worlds
+    unknown = set(chosen) - set(worlds_of(settings))
+    if unknown or not chosen:
+        raise ValueError(f"worlds {sorted(unknown) or chosen}: {config} has {worlds_of(settings)}")
+    worlds = {w: (world_settings(settings, w), out if w == "studio" else out / w)
+              for w in worlds_of(settings) if w in chosen}
+    data_roots = {w: prepare_data(st, cache) for w, (st, _) in worlds.items()}
     t_base = time.perf_counter()
-    base = prepare_base(settings, data_root, cache)
+    base = prepare_base(settings, cache)
     base_s = time.perf_counter() - t_base
 
-    runs, mitigation = run_all(settings, base, data_root, out)
-    for name, r in runs.items():
-        plain = "lora_none" if r["mode"] == "lora" and "lora_none" in runs else "none"
-        r["step_time_ratio"] = r["step_time_s"] / runs[plain]["step_time_s"]
-        r["cond_ratio"] = ratio(_heldout_norm(r), _heldout_norm(runs[plain]))
+    all_runs, mitigation = run_all({w: (st, data_roots[w], o) for w, (st, o) in worlds.items()}, base)
+    for runs in all_runs.values():
+        for name, r in runs.items():
+            plain = plain_run_of(runs, name)
+            r["step_time_ratio"] = r["step_time_s"] / runs[plain]["step_time_s"]
+            r["cond_ratio"] = ratio(_heldout_norm(r), _heldout_norm(runs[plain]))
+    runs = all_runs.get("studio", {})
     results = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "base_model": str(base), "base_s": base_s,
-               "data": str(data_root), "settings": settings, "runs": runs,
-               "detection_none": runs["none"]["detection"], "mitigation_none": mitigation}
+               "data": str(data_roots.get("studio")), "settings": settings, "runs": runs,
+               "detection_none": runs["none"]["detection"] if "none" in runs else {}, "mitigation_none": mitigation}
+    if "web" in all_runs:
+        web = all_runs["web"]
+        results["web"] = {"data": str(data_roots["web"]), "runs": web,
+                          "detection_none": web["none"]["detection"] if "none" in web else {}}
     report = out / "report.html"
-    png = plot_tradeoff(runs, out / "tradeoff.png")
-    build_report([load_run(out / "runs" / g) for g in runs], report, title="memreg demo",
-                 extra_figures=[(png, "Copy rate vs held-out loss", "every run of the demo; penalty runs joined by "
-                                 "weight; ring = Pareto-optimal among runs of the same mode; lower-left is better")])
+    figures = []
+    for w, (_, o) in worlds.items():
+        png = plot_tradeoff(all_runs[w], o / "tradeoff.png", labels=COPY_LABELS[w])
+        figures.append((png, f"Copy rate vs held-out loss ({w} world)", "every run of the world; penalty runs joined "
+                        "by weight; ring = Pareto-optimal among runs of the same mode; lower-left is better"))
+    build_report([load_run(o / "runs" / g) for w, (_, o) in worlds.items() for g in all_runs[w]], report,
+                 title="memreg demo", extra_figures=figures)
     results["wall_s"] = time.perf_counter() - t_start
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

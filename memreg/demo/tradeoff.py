@@ -24,7 +24,8 @@ from matplotlib.lines import Line2D
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
 from memreg.guards.registry import guard_spec
 
-COPY_KEYS = (("copy_exact", "exact captions"), ("copy_paraphrase", "paraphrased captions"))
+COPY_KEYS = ("copy_exact", "copy_paraphrase")
+COPY_LABELS = ("exact captions", "paraphrased captions")   # what the two copy rates ask with (the default)
 MARKERS = {"full": "o", "lora": "s"}   # training mode -> marker shape; other modes: OTHER_MARKER
 OTHER_MARKER = "D"
 PENALTY = "anisotropy_gate"            # the guard type whose runs at several weights form a line
@@ -98,21 +99,22 @@ def _legend_handles(runs: dict, colors: dict) -> tuple[list, list[str]]:
     return handles, labels
 
 
-def plot_tradeoff(runs: dict, path: Path) -> Path:
-    """Two panels (exact, paraphrased captions): copy rate with 95% CI vs held-out loss per run; PNG at ``path``."""
+def plot_tradeoff(runs: dict, path: Path, labels: tuple[str, str] = COPY_LABELS) -> Path:
+    """Two panels (``labels``: exact, paraphrased captions by default): copy rate with 95% CI vs
+    held-out loss per run; PNG at ``path``."""
     if not runs:
         raise ValueError("plot_tradeoff: no runs to plot")
     cmap = colormaps["tab10"]
     colors = {g: cmap(i % 10) for i, g in enumerate(dict.fromkeys(r["guard"] for r in runs.values()))}
     fig = Figure(figsize=(11, 5.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
-    for ax, (key, label) in zip(axes, COPY_KEYS):
+    for ax, key, label in zip(axes, COPY_KEYS, labels):
         _draw_panel(ax, runs, key, colors)
         ax.set_title(f"copy rate on {label}", fontsize=10)
     fig.suptitle("Memorization vs fit: lower-left is better (bars: 95% Wilson CI; ring: Pareto-optimal)",
                  fontsize=11)
-    handles, labels = _legend_handles(runs, colors)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    handles, names = _legend_handles(runs, colors)
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)

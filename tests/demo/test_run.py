@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from memreg.demo.run import dominates, load_settings, ratio, run_demo, run_overrides, targets
+from memreg.demo.run import (dominates, final_detection, load_settings, plain_run_of, ratio, run_demo, run_overrides,
+                             targets, world_settings)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 RUN_FIELDS = {"copy_exact", "copy_paraphrase", "copy_paraphrase_by_variant", "copy_exact_by_caption",
@@ -55,6 +56,13 @@ def test_results_have_every_field(quick_demo):
     assert set(penalty_weights.values()) == {0.0}                   # the guard's default: the gate, no penalty
     for name in saved["runs"]:
         assert list((out / "runs" / name).rglob("events.out.tfevents.*"))
+    web = saved["web"]          # the web world's quick runs (configs/demo.yaml quick.web)
+    assert list(web["runs"]) == ["none", "penalty_augment"]
+    for run in web["runs"].values():
+        assert RUN_FIELDS <= set(run) and set(run["copy_paraphrase_by_variant"]) == {"unseen_0"}
+        assert "attack" not in run
+    assert web["runs"]["penalty_augment"]["step_time_ratio"] > 0 and (out / "web" / "tradeoff.png").is_file()
+    assert [t for t in saved["targets"] if t["target"].startswith("web: penalty_augment copy rate")]
 
 
 def test_second_run_reuses_the_cache_and_keeps_the_old_results(quick_demo):
@@ -66,19 +74,24 @@ def test_second_run_reuses_the_cache_and_keeps_the_old_results(quick_demo):
     assert moved and (moved[0] / "results.json").is_file()
 
 
-def _run(copy, para, loss, adh, step=1.0, mode="full"):
+def _run(copy, para, loss, adh, step=1.0, mode="full", guard="none", weight=None):
     return {"copy_exact": {"rate": copy}, "copy_paraphrase": {"rate": para}, "heldout_loss": loss, "adherence": adh,
-            "step_time_ratio": step, "mode": mode}
+            "step_time_ratio": step, "mode": mode, "guard": guard, "weight": weight}
+
+
+def _guarded(*args, **kw):
+    return _run(*args, guard="anisotropy_gate", weight=0.0, **kw)
 
 
 def test_targets_are_computed_from_the_numbers():
-    runs = {"none": _run(0.6, 0.5, 1.0, 0.9), "penalty": _run(0.1, 0.2, 1.06, 0.9, 1.2),
-            "agc": _run(0.1, 0.1, 1.0, 0.9), "lora_none": _run(0.2, 0.1, 1.0, 0.9, mode="lora")}
+    runs = {"none": _run(0.6, 0.5, 1.0, 0.9), "penalty": _guarded(0.1, 0.2, 1.06, 0.9, 1.2),
+            "agc": _run(0.1, 0.1, 1.0, 0.9, guard="agc"), "lora_none": _run(0.2, 0.1, 1.0, 0.9, mode="lora"),
+            "penalty_w0.3": _run(0.0, 0.0, 1.0, 0.9, guard="anisotropy_gate", weight=0.3)}
     results = {"runs": runs, "detection_none": {"norm": 0.97, "align": 0.3, "score": 0.96}, "wall_s": 1600}
     got = {t["target"]: t["pass"] for t in targets(results)}
-    assert got["none memorizes: exact-caption copy rate >= 0.5"] is True
-    assert got["lora_none memorizes: exact-caption copy rate >= 0.3"] is False
-    assert got["detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC dup vs held-out >= 0.95"] is True
+    assert got["none memorizes: copy rate (exact) >= 0.5"] is True
+    assert got["lora_none memorizes: copy rate (exact) >= 0.3"] is False
+    assert got["detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs held-out >= 0.95"] is True
     assert got["none follows held-out captions: adherence >= 0.8"] is True
     assert got["penalty copy rate (exact) <= 1/5 of none's"] is True          # 0.1 <= 0.12
     assert got["penalty copy rate (paraphrased) <= 1/5 of none's"] is False   # 0.2 > 0.1
@@ -87,11 +100,57 @@ def test_targets_are_computed_from_the_numbers():
     # agc: same copy rate, lower loss, same adherence -> it dominates the penalty
     assert got["agc does not dominate penalty (copy, loss, adherence; 1 = dominates)"] is False
     assert got["make demo wall time <= 25 min"] is False                      # 26.7 min
+    assert not [t for t in got if t.startswith("penalty_w0.3")]              # a weight > 0 is not the default guard
+    assert not [t for t in got if t.startswith("web: ")]                     # no web world in these results
+
+
+def test_web_targets_use_their_own_plain_runs_and_labels():
+    web = {"none": _run(0.5, 0.1, 1.0, 0.9), "penalty": _guarded(0.05, 0.0, 1.0, 0.9),
+           "none_augment": _run(0.4, 0.2, 1.0, 0.9), "penalty_augment": _guarded(0.1, 0.01, 1.0, 0.9),
+           "lora_none": _run(0.3, 0.1, 1.0, 0.9, mode="lora"), "lora_penalty": _guarded(0.1, 0.0, 1.0, 0.9, mode="lora")}
+    results = {"runs": {}, "detection_none": {}, "wall_s": 1,
+               "web": {"runs": web, "detection_none": {"score": 0.97}}}
+    got = {t["target"]: (t["value"], t["pass"]) for t in targets(results)}
+    assert got["web: none memorizes: copy rate (training wordings) >= 0.3"] == (0.5, True)
+    assert got["web: lora_none memorizes: copy rate (training wordings) >= 0.2"] == (0.3, True)
+    assert got["web: detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs held-out >= 0.95"][1]
+    # penalty_augment against none_augment: 0.1 / 0.4 = 0.25 > 0.2; unseen 0.01 / 0.2 = 0.05
+    assert got["web: penalty_augment copy rate (training wordings) <= 1/5 of none_augment's"] == (0.25, False)
+    assert got["web: penalty_augment copy rate (unseen wordings) <= 1/5 of none_augment's"] == (pytest.approx(0.05), True)
+    assert got["web: penalty copy rate (training wordings) <= 1/5 of none's"] == (pytest.approx(0.1), True)
+    assert got["web: lora_penalty copy rate (training wordings) <= 1/5 of lora_none's"] == (pytest.approx(1 / 3), False)
+    assert not [t for t in got if not t.startswith("web: ") and "wall time" not in t]
+
+
+def test_plain_run_by_name():
+    runs = {"none": _run(0, 0, 1, 1), "none_augment": _run(0, 0, 1, 1), "penalty_augment": _guarded(0, 0, 1, 1),
+            "penalty_other": _guarded(0, 0, 1, 1), "lora_none": _run(0, 0, 1, 1, mode="lora"),
+            "lora_penalty": _guarded(0, 0, 1, 1, mode="lora"), "wen_filter": _run(0, 0, 1, 1)}
+    assert {n: plain_run_of(runs, n) for n in runs} == {
+        "none": "none", "none_augment": "none_augment", "penalty_augment": "none_augment",
+        "penalty_other": "none", "lora_none": "lora_none", "lora_penalty": "lora_none", "wen_filter": "none"}
+
+
+def test_web_world_settings_merge_over_the_first_world():
+    settings = load_settings(CONFIG)
+    web = world_settings(settings, "web")
+    assert web["data"]["seed"] == settings["data"]["seed"] and web["data"]["web"]["train_wordings"] == 4
+    assert web["finetune"]["caption_column"] == "captions" and web["finetune"]["max_train_steps"] == 450
+    assert "none" in web["runs"] and "penalty_augment" in web["runs"]
+    assert web["attack"]["runs"] == [] and web["mitigation"] is None and "web" not in web
+    assert world_settings(settings, "studio") is settings
+
+
+def test_unknown_web_section_is_named(tmp_path):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("data: {}\nweb: {attack: {}}\n")
+    with pytest.raises(ValueError, match="unknown web: section"):
+        load_settings(bad)
 
 
 def test_a_ratio_of_zeros_is_one_verdict_everywhere():
     assert math.isnan(ratio(0.0, 0.0)) and ratio(0.0, 2.0) == 0.0
-    runs = {"none": _run(0.0, 0.0, 0.0, 0.0), "penalty": _run(0.0, 0.0, 0.0, 0.0)}
+    runs = {"none": _run(0.0, 0.0, 0.0, 0.0), "penalty": _guarded(0.0, 0.0, 0.0, 0.0)}
     got = {t["target"]: t["pass"] for t in targets({"runs": runs, "detection_none": {}, "wall_s": 1})}
     ratio_checks = [v for k, v in got.items() if k.startswith("penalty") and "step time" not in k]
     assert ratio_checks == [False] * 4
@@ -132,3 +191,17 @@ def test_workers_must_be_a_positive_integer(tmp_path, workers):
     bad.write_text(f"workers: {workers!r}\ndata: {{}}\n" if not isinstance(workers, str) else f"workers: '{workers}'\n")
     with pytest.raises(ValueError, match="workers must be an integer"):
         load_settings(bad)
+
+
+def test_world_check_uses_the_memorized_wordings_not_the_index_groups(tmp_path):
+    mem = tmp_path / "memorization"
+    mem.mkdir()
+    row = lambda v: {"norm": v, "align": -v, "score": v}  # noqa: E731
+    groups = {"memorized": [row(2.0), row(3.0)], "heldout": [row(1.0), row(2.5)], "duplicated": [row(0.5)]}
+    scalars = {"eval/auc/duplicated_vs_heldout/norm": 0.25}
+    for step in (0, 10):
+        (mem / f"eval_step{step:08d}.json").write_text(json.dumps({"groups": groups, "scalars": scalars}))
+    d = final_detection(tmp_path)
+    # memorized vs held-out pairs: 2>1, 2<2.5, 3>1, 3>2.5 -> 3/4; align is the negative: 1/4
+    assert d["positives"] == "memorized" and d["norm"] == 0.75 and d["score"] == 0.75 and d["align"] == 0.25
+    assert d["duplicated_auc"]["norm"] == scalars["eval/auc/duplicated_vs_heldout/norm"]
