@@ -102,8 +102,9 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         unknown = set(settings["web"]) - WEB_SECTIONS
         if unknown:
             raise ValueError(f"{path}: unknown web: section(s) {sorted(unknown)}; it takes {sorted(WEB_SECTIONS)}")
-        for name in world_settings(settings, "web").get("runs") or {}:
-            run_overrides(world_settings(settings, "web"), name)
+        web = world_settings(settings, "web")
+        for name in web["runs"]:
+            run_overrides(web, name)
     workers = settings.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"{path}: workers must be an integer >= 1, got {workers!r}")
@@ -343,8 +344,8 @@ def dominates(a: dict, b: dict) -> bool:
     return all(x <= y for x, y in zip(ka, kb)) and any(x < y for x, y in zip(ka, kb))
 
 
-def _guard_targets(runs: dict, plain: str, guarded: str, baselines: list[str],
-                   labels: tuple[str, str] = COPY_LABELS["studio"], prefix: str = "") -> list[tuple]:
+def _guard_targets(runs: dict, plain: str, guarded: str, baselines: list[str], labels: tuple[str, str],
+                   prefix: str) -> list[tuple]:
     """The guard's targets (five-fold, selectively): ``guarded`` against ``plain``; ``labels`` name the
     two copy rates (the web world's are training and unseen wordings)."""
     p, g = runs[plain], runs[guarded]
