@@ -167,6 +167,12 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+def run_colors(names: list[str]) -> dict[str, str]:
+    """name -> the hex colour the report gives that run when its runs come in this order (other
+    figures of the same runs, e.g. the demo's trade-off plot, use it to match the report)."""
+    return {n: _hex(c) for n, c in zip(names, _colors(len(names)))}
+
+
 def _hex(color) -> str:
     return to_hex(color)
 

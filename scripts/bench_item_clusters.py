@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from memreg.audit.near_dup import DEFAULT_THRESHOLD, HASH_BYTES, INDEX_VIEWS, QUERY_VIEWS, VIEWS, near_pairs, planted_copy
+from memreg.audit.near_dup import (CODE_BYTES, DEFAULT_THRESHOLD, HASH_BYTES, INDEX_VIEWS, QUERY_VIEWS, VIEWS,
+                                   accepted_candidates, near_pairs, planted_copy, search_radius)
 from memreg.training.item_clusters import build_item_index, hash_image
 
 COPY_KINDS = ("jpeg", "crop_centre", "hflip", "brightness")
@@ -64,7 +65,7 @@ def timed(fn):
 def measure_size(paths: list[str], work: Path) -> dict:
     _, exact_s = timed(lambda: [hash_image(p, near=False) for p in paths])
     hashed, near_s = timed(lambda: [hash_image(p, near=True) for p in paths])
-    codes = np.stack([np.frombuffer(bytes.fromhex(v), np.uint8).reshape(len(VIEWS), HASH_BYTES) for _, v in hashed])
+    codes = np.stack([np.frombuffer(bytes.fromhex(v), np.uint8).reshape(len(VIEWS), CODE_BYTES) for _, v in hashed])
     pairs, search_s = timed(lambda: near_pairs(codes, DEFAULT_THRESHOLD))
     cache = work / f"cache-{len(paths)}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -77,11 +78,13 @@ def measure_size(paths: list[str], work: Path) -> dict:
 
 
 def ivf_pairs(codes: np.ndarray, threshold: int, nprobe: int) -> tuple[np.ndarray, float]:
-    """The near rule's pairs by faiss IndexBinaryIVF (inverted lists, ``nprobe`` of ~4 sqrt(M) probed)."""
+    """The near rule's pairs by faiss IndexBinaryIVF (inverted lists, ``nprobe`` of ~4 sqrt(M) probed)
+    over the hashes within the rule's search radius, then the rule's colour test on the candidates."""
     import faiss
 
-    index_codes = np.ascontiguousarray(codes[:, list(INDEX_VIEWS)].reshape(-1, HASH_BYTES))
-    queries = np.ascontiguousarray(codes[:, list(QUERY_VIEWS)].reshape(-1, HASH_BYTES))
+    hashes = codes[..., :HASH_BYTES]
+    index_codes = np.ascontiguousarray(hashes[:, list(INDEX_VIEWS)].reshape(-1, HASH_BYTES))
+    queries = np.ascontiguousarray(hashes[:, list(QUERY_VIEWS)].reshape(-1, HASH_BYTES))
     t = time.perf_counter()
     nlist = max(1, int(4 * math.sqrt(len(index_codes))))
     quant = faiss.IndexBinaryFlat(HASH_BYTES * 8)
@@ -89,9 +92,11 @@ def ivf_pairs(codes: np.ndarray, threshold: int, nprobe: int) -> tuple[np.ndarra
     ivf.train(index_codes)
     ivf.add(index_codes)
     ivf.nprobe = nprobe
-    lims, _, ids = ivf.range_search(queries, threshold + 1)
-    qimg = np.repeat(np.arange(len(queries)) // len(QUERY_VIEWS), np.diff(lims).astype(np.int64))
-    jimg = ids.astype(np.int64) // len(INDEX_VIEWS)
+    lims, dist, ids = ivf.range_search(queries, search_radius(threshold, True) + 1)
+    q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims).astype(np.int64))
+    x = ids.astype(np.int64)
+    keep = accepted_candidates(codes, QUERY_VIEWS, INDEX_VIEWS, q, x, dist.astype(np.int64), threshold)
+    qimg, jimg = q[keep] // len(QUERY_VIEWS), x[keep] // len(INDEX_VIEWS)
     a, b = np.minimum(qimg, jimg), np.maximum(qimg, jimg)
     keep = a != b
     pairs = np.unique(np.stack([a[keep], b[keep]], axis=1), axis=0) if keep.any() else np.zeros((0, 2), np.int64)
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
     all_paths = synthetic_rows(work / "data", rows[-1])
     results = [measure_size(all_paths[:n], work) for n in rows]
     base = results[0]
-    print(f"item index cost (threshold {DEFAULT_THRESHOLD} of 128 bits, one process; ratios to {base['rows']} rows)")
+    print(f"item index cost (threshold {DEFAULT_THRESHOLD} of 128 hash bits, one process; "
+          f"ratios to {base['rows']} rows)")
     for r in results:
         print(f"  {r['rows']:>7} rows: hash exact {1e3 * r['exact_s_per_img']:.2f} ms/img, exact+views "
               f"{1e3 * r['near_s_per_img']:.2f} ms/img ({r['near_s_per_img'] / r['exact_s_per_img']:.1f}x exact) | "
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
               f"{r['items']} items, index.npz {r['index_bytes'] / 1024:.0f} KiB")
     search = [(r["rows"], r["search_s"]) for r in results]
     if args.search_rows:
-        codes = np.random.default_rng(1).integers(0, 256, (args.search_rows, len(VIEWS), HASH_BYTES), dtype=np.uint8)
+        codes = np.random.default_rng(1).integers(0, 256, (args.search_rows, len(VIEWS), CODE_BYTES), dtype=np.uint8)
         _, s = timed(lambda: near_pairs(codes, DEFAULT_THRESHOLD))
         print(f"  {args.search_rows:>7} random codes: near-pair search {s:.2f}s")
         search.append((args.search_rows, s))
@@ -130,10 +136,10 @@ def main(argv=None) -> int:
     hash_1m = top["near_s_per_img"] * MILLION
     search_1m = s1 * (MILLION / n1) ** 2
     print(f"search scaling from {n0} to {n1} rows: time ~ N^{exponent:.2f} (near_pairs is faiss's brute force "
-          f"over all query x index views: 2 x 6 = 12 N^2 comparisons of 128 bits)")
+          f"over all query x index views' hashes: 2 x 6 = 12 N^2 comparisons of 128 bits, then the colour test)")
     print(f"1M rows, extrapolated: hashing {hash_1m / 3600:.2f} h on one process ({hash_1m / 3600 / 8:.2f} h over "
           f"8), linear from {top['rows']} rows; near-pair search {search_1m / 3600:.1f} h (quadratic from {n1} rows, "
-          f"{s1:.2f}s; one process, faiss's threads); view codes {MILLION * len(VIEWS) * HASH_BYTES / 2**20:.0f} MiB, "
+          f"{s1:.2f}s; one process, faiss's threads); view codes {MILLION * len(VIEWS) * CODE_BYTES / 2**20:.0f} MiB, "
           f"index.npz {top['index_bytes'] / top['rows'] * MILLION / 2**20:.0f} MiB")
     if args.ivf:
         exact_pairs = {tuple(p) for p in top["pairs_arr"].tolist()}

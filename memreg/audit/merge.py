@@ -1,12 +1,14 @@
 """Merge the shard files into the report: clusters, caption repeats, risk ranking.
 
-Memory: the merge keeps a fixed-size index per row (content-hash key, the 16-byte hashes of the
-seven near-duplicate views, two caption keys, the score: ~150 bytes) -- "the hash index" -- and
-reads texts again, streamed, only for the clusters and caption groups it writes out.
+Memory: the merge keeps a fixed-size index per row (content-hash key, the 64-byte codes of the
+seven near-duplicate views -- hash and colour grid --, two caption keys, the score: ~480 bytes)
+-- "the hash index" -- and reads texts again, streamed, only for the clusters and caption groups
+it writes out.
 
-* **Clusters**: rows whose decoded pixels are equal (sha256) are one image; images whose pHashes
-  are near-duplicates (a view of one within ``threshold`` bits of a view of the other, the rule
-  and the faiss search of :func:`memreg.audit.near_dup.near_pairs`) are linked, and the connected
+* **Clusters**: rows whose decoded pixels are equal (sha256) are one image; images whose view
+  codes are near-duplicates (a view of one within ``threshold`` hash bits of a view of the other
+  and their colours agreeing: the rule and the faiss search of
+  :func:`memreg.audit.near_dup.near_pairs`) are linked, and the connected
   components (``scipy.sparse.csgraph``) are the clusters.
 * **Risk** of a cluster ``= log2(1 + size) * (1 + q)``, ``q`` the fraction of scored rows whose
   caption scores below the cluster's highest caption score: copies count first (memorization grows
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from memreg.audit.captions import normalize_caption
-from memreg.audit.near_dup import HASH_BYTES, VIEWS, near_pairs
+from memreg.audit.near_dup import CODE_BYTES, VIEWS, near_pairs
 from memreg.audit.shards import read_shard
 from memreg.keys import text_key
 from memreg.sharding import shard_ranges
@@ -37,7 +39,7 @@ class RowIndex:
 
     ok: np.ndarray          # bool: image readable
     sha: np.ndarray         # uint64: first 8 bytes of the content sha256
-    codes: np.ndarray       # uint8 (N, V, B): hashes of the views (near_dup.VIEWS); (N, B): one hash a row
+    codes: np.ndarray       # uint8 (N, V, CODE_BYTES): codes of the views (near_dup.VIEWS); (N, B): one hash a row
     cap_exact: np.ndarray   # int64 key of the caption text (0: empty caption)
     cap_norm: np.ndarray    # int64 key of the normalised caption
     score: np.ndarray       # float64, NaN where not scored
@@ -47,7 +49,7 @@ class RowIndex:
 def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path) -> RowIndex:
     """Pass 1 over the shards: the per-row arrays; unreadable rows are streamed to ``unreadable_path``."""
     n = num_rows
-    idx = RowIndex(np.zeros(n, bool), np.zeros(n, np.uint64), np.zeros((n, len(VIEWS), HASH_BYTES), np.uint8),
+    idx = RowIndex(np.zeros(n, bool), np.zeros(n, np.uint64), np.zeros((n, len(VIEWS), CODE_BYTES), np.uint8),
                    np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, np.nan), 0)
     with unreadable_path.open("w", encoding="utf-8") as bad:
         for k in range(len(shard_ranges(num_rows, shard_size))):
@@ -56,7 +58,7 @@ def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path)
                 if x["error"] is None:
                     idx.ok[i] = True
                     idx.sha[i] = int(x["sha256"][:16], 16)
-                    idx.codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), HASH_BYTES)
+                    idx.codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), CODE_BYTES)
                 else:
                     idx.unreadable += 1
                     bad.write(f'{{"row": {i}, "name": {_json(x["name"])}, "error": {_json(x["error"])}}}\n')

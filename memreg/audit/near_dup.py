@@ -1,28 +1,51 @@
-"""Near-duplicate images: several 128-bit perceptual hashes per image ("views"), searched with faiss.
+"""Near-duplicate images: several views per image, each a 128-bit perceptual hash plus a colour
+grid; searched with faiss on the hashes, then checked on the colours.
 
 * **Hash** of a view: ``imagehash.phash`` (DCT of a 32x32 greyscale thumbnail, 8x8 low
   frequencies thresholded at their median) followed by ``imagehash.dhash`` (signs of horizontal
-  differences of a 9x8 thumbnail), 64 bits each, packed to 16 bytes; the distance of two views is
-  the Hamming distance over all 128 bits, i.e. the sum of the two hashes' distances. Resizing, JPEG
-  re-encoding and colour changes move both by a few bits. Each hash alone confuses images the other
-  tells apart: pHash confuses small flat scenes with the same layout (the demo world), dHash is
-  noise on them and moves under JPEG; a small sum needs both to be close, which copies are and
-  different images rarely are.
-* **Views** (:data:`VIEWS`): the greyscale image, scaled to at most :data:`WORK_SIDE` px on its
-  shorter side, with its uniform border trimmed (:func:`border_box`); its horizontal mirror; and
-  five windows keeping :data:`WINDOW_SCALE` of each side (centre and four corners,
+  differences of a 9x8 thumbnail), 64 bits each, packed to :data:`HASH_BYTES`; the hash distance of
+  two views is the Hamming distance over all 128 bits, i.e. the sum of the two hashes' distances.
+  Resizing, JPEG re-encoding and colour changes move both by a few bits. Each hash alone confuses
+  images the other tells apart: pHash confuses small flat scenes with the same layout (the demo
+  world), dHash is noise on them and moves under JPEG; a small sum needs both to be close.
+* **Colour** of a view: the mean RGB of each cell of a :data:`COLOUR_GRID` x :data:`COLOUR_GRID`
+  grid over the same view box, cut from an RGB copy of the work image (uint8 means). Its distance
+  (:func:`colour_distance`): per cell the chromaticity ``c1 = (R-G)/(R+G+B+24)``,
+  ``c2 = (R+G-2B)/(R+G+B+24)`` (:func:`chromaticity`; brightness and contrast changes leave it
+  nearly unchanged, the +24 keeps dark cells from exploding), cell distance ``|dc1| + |dc2|``,
+  the view's distance the largest over the cells. Grey hashes cannot see colour: two scenes that
+  differ only in a shape's colour have equal hashes and far-apart colour grids.
+* **Code** of an image (:func:`view_codes`): uint8 ``(len(VIEWS), CODE_BYTES)``, per view the
+  hash (bytes ``0..HASH_BYTES-1``) then the colour grid (the remaining ``3 * COLOUR_GRID**2``).
+* **Views** (:data:`VIEWS`): the image, scaled to at most :data:`WORK_SIDE` px on its shorter
+  side, with its uniform border trimmed (:func:`border_box`); its horizontal mirror; and five
+  windows keeping :data:`WINDOW_SCALE` of each side (centre and four corners,
   :func:`window_boxes`). A crop keeping 85-95% of the side looks like one of the windows, a
   flipped copy like the mirror, a padded copy (trimmed) like the original.
-* **Rule**: two images are near-duplicates when a *query* view of one (the image or its mirror) is
-  within ``threshold`` bits of an *index* view of the other (the image or one of its windows).
+* **Rule** (:func:`near_match`): two images are near-duplicates when, for some *query* view of one
+  (the image or its mirror) and *index* view of the other (the image or one of its windows), the
+  hash distance is at most ``threshold`` bits and the colour distance at most
+  :data:`COLOUR_BOUND`, or the hash distance is at most ``threshold +`` :data:`HASH_MARGIN` and the
+  colour distance at most :data:`TIGHT_COLOUR_BOUND` and the light-pattern distance
+  (:func:`luma_distance`) at most :data:`LUMA_BOUND`. An off-centre crop moves the hash of its best
+  window past ``threshold`` but keeps its colours and where it is light or dark: the wider hash
+  bound recovers it only where both agree closely, which different images rarely do. The light
+  pattern is needed because every grey image has chromaticity 0: with colour alone, two different
+  grey photos 34 bits apart (``cell`` and a padded ``shepp_logan_phantom``) were merged.
   Windows are never compared with windows, nor mirrors with mirrors: each extra comparison is
-  another chance for two different images to collide, and a single crop/flip/pad needs none of them.
-* **Search**: exact, by faiss's compiled brute force (``IndexBinaryFlat.range_search``) of the
-  query views of all images against the index views of all images; every pair within the
-  threshold is found.
+  another chance for two different images to collide, and a single crop/flip/pad needs none of
+  them. Codes without a colour part (a plain 8-byte pHash, :data:`PLAIN_RULE`) match on
+  ``hash <= threshold`` alone.
+* **Search**: faiss's compiled brute force (``IndexBinaryFlat.range_search``) of the query views'
+  hashes of all images against the index views' hashes of all images, at radius
+  ``threshold + HASH_MARGIN`` (the candidates), then the rule's colour and light tests on the
+  candidates (numpy, vectorised); exact: every pair the rule accepts is found.
 * **Calibration**: :func:`calibrate` plants copies of given images (:data:`PLANTED_TRANSFORMS`) and
-  measures, at a threshold, the recall (copy within threshold of its original under the rule) and
-  precision (pairs within threshold that are truly copies of one another).
+  measures, at a threshold, the recall (copy matched to its original under the rule) and
+  precision (pairs matched that are truly copies of one another).
+
+No colour-statistics library in the environment is worth adding for this: PIL's box filter and
+numpy give the grid means and their distances.
 """
 
 from __future__ import annotations
@@ -36,8 +59,17 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from memreg.image_io import load_rgb
 
-HASH_BYTES = 16                # a view: 64-bit pHash + 64-bit dHash
-DEFAULT_THRESHOLD = 22         # bits of 128; calibrated on scikit-image photos and demo scenes (README, audit)
+HASH_BYTES = 16                # a view's hash: 64-bit pHash + 64-bit dHash
+COLOUR_GRID = 4                # a view's colour: mean RGB of COLOUR_GRID x COLOUR_GRID cells
+COLOUR_BYTES = 3 * COLOUR_GRID * COLOUR_GRID
+CODE_BYTES = HASH_BYTES + COLOUR_BYTES   # a view's code: hash, then colour grid (64 bytes)
+CHROMA_OFFSET = 24             # added to R+G+B in the chromaticity: dark cells' noise stays small
+DEFAULT_THRESHOLD = 22         # hash bits of 128 for a match; calibrated on scikit-image photos, demo scenes (README)
+COLOUR_BOUND = 0.6             # a hash-close pair is refused only when some cell's colour clearly differs
+HASH_MARGIN = 12               # hash bits past the threshold an off-centre crop's best window may sit at ...
+TIGHT_COLOUR_BOUND = 0.15      # ... when every cell's colour agrees this closely (copies do; other images rarely)
+LUMA_BOUND = 1.5               # ... and the cells' light pattern too: grey images all have chromaticity 0
+LUMA_EPS = 8.0                 # grey levels added to a view's cell spread, so a flat view's pattern stays small
 WORK_SIDE = 128                # views are cut from the image scaled to at most this shorter side
 WINDOW_SCALE = 0.9             # windows keep this fraction of each side
 BORDER_TOLERANCE = 10          # grey levels a border pixel may differ from its line's median
@@ -101,31 +133,47 @@ def window_boxes(width: int, height: int, scale: float = WINDOW_SCALE) -> list[t
     return [(x, y, x + w, y + h) for x, y in ((dx // 2, dy // 2), (0, 0), (dx, 0), (0, dy), (dx, dy))]
 
 
-def work_image(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
-    """``image`` in greyscale, scaled down (aspect kept) so its shorter side is at most ``side``:
-    every view is cut from this, so hashing costs the same for any input size."""
-    gray = image.convert("L")
-    w, h = gray.size
+def work_image(image: Image.Image, side: int = WORK_SIDE, mode: str = "L",
+               resample: int = Image.LANCZOS) -> Image.Image:
+    """``image`` in ``mode`` (greyscale by default), scaled down (aspect kept, ``resample`` filter) so
+    its shorter side is at most ``side``: every view is cut from this, so hashing costs the same for
+    any input size."""
+    img = image if image.mode == mode else image.convert(mode)   # never changed in place: no copy
+    w, h = img.size
     if min(w, h) > side:
         f = side / min(w, h)
-        gray = gray.resize((max(1, round(w * f)), max(1, round(h * f))), Image.LANCZOS)
-    return gray
+        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), resample)
+    return img
+
+
+def colour_grid(image: Image.Image, grid: int = COLOUR_GRID) -> np.ndarray:
+    """Mean RGB of each cell of a ``grid`` x ``grid`` split of ``image`` (PIL's box filter: exact
+    area means, rounded), cells row by row: uint8 ``(3 * grid * grid,)``."""
+    return np.asarray(image.convert("RGB").resize((grid, grid), Image.BOX), dtype=np.uint8).reshape(-1)
 
 
 def view_codes(image: Image.Image) -> np.ndarray:
-    """The :func:`view_hash` of every one of the :data:`VIEWS` of ``image``: uint8 ``(len(VIEWS), 16)``."""
-    gray = work_image(image)
+    """The code of every one of the :data:`VIEWS` of ``image``: uint8 ``(len(VIEWS), CODE_BYTES)``,
+    per view its :func:`view_hash` (greyscale) then its :func:`colour_grid` (RGB, same box)."""
+    # the colour grid needs area means only: the box filter gives them at a fraction of Lanczos's cost
+    gray, rgb = work_image(image), work_image(image, mode="RGB", resample=Image.BOX)
     box = border_box(np.asarray(gray))
     if box != (0, 0) + gray.size:
-        gray = gray.crop(box)
-    views = [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] + [gray.crop(b) for b in window_boxes(*gray.size)]
-    return np.stack([view_hash(v) for v in views])
+        gray, rgb = gray.crop(box), rgb.crop(box)
+    flip, boxes = Image.Transpose.FLIP_LEFT_RIGHT, window_boxes(*gray.size)
+    hashes = [view_hash(v) for v in [gray, gray.transpose(flip)] + [gray.crop(b) for b in boxes]]
+    colours = [colour_grid(v) for v in [rgb, rgb.transpose(flip)] + [rgb.crop(b) for b in boxes]]
+    return np.concatenate([np.stack(hashes), np.stack(colours)], axis=1)
 
 
 def hash_settings() -> dict:
-    """What the view codes depend on (shards hashed under other settings are not reused)."""
+    """What the view codes and their matching depend on (shards and item indexes made under other
+    settings are not reused)."""
     return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "window_scale": WINDOW_SCALE,
-            "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION}
+            "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION,
+            "code_bytes": CODE_BYTES, "colour_grid": COLOUR_GRID, "chroma_offset": CHROMA_OFFSET,
+            "colour_bound": COLOUR_BOUND, "hash_margin": HASH_MARGIN, "tight_colour_bound": TIGHT_COLOUR_BOUND,
+            "luma_bound": LUMA_BOUND, "luma_eps": LUMA_EPS}
 
 
 @dataclass(frozen=True)
@@ -150,20 +198,88 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=-1, dtype=np.int64)
 
 
+def chromaticity(grid: np.ndarray) -> np.ndarray:
+    """Per cell of uint8 RGB means ``grid`` (..., 3 * cells): ``(c1, c2)`` with ``s = R+G+B+24``,
+    ``c1 = (R-G)/s``, ``c2 = (R+G-2B)/s``; float ``(..., cells, 2)``."""
+    g = np.asarray(grid, dtype=np.float64)
+    rgb = g.reshape(g.shape[:-1] + (-1, 3))
+    r, gr, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    s = r + gr + b + CHROMA_OFFSET
+    return np.stack([(r - gr) / s, (r + gr - 2.0 * b) / s], axis=-1)
+
+
+def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Colour distance of two views' colour grids (..., 3 * cells): the largest over the cells of
+    ``|dc1| + |dc2|`` (:func:`chromaticity`); broadcasts over ``...``."""
+    return np.abs(chromaticity(a) - chromaticity(b)).sum(axis=-1).max(axis=-1)
+
+
+def luma_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Light-pattern distance of two views' colour grids (..., 3 * cells): per cell the grey level
+    ``L = (R+G+B)/3`` as ``z = (L - mean) / (std + LUMA_EPS)`` over the view's cells (a brightness
+    or contrast change, affine in the grey level, leaves it almost unchanged), then the largest
+    ``|dz|`` over the cells; broadcasts over ``...``."""
+    def z(grid):
+        g = np.asarray(grid, dtype=np.float64)
+        lum = g.reshape(g.shape[:-1] + (-1, 3)).mean(axis=-1)
+        return (lum - lum.mean(axis=-1, keepdims=True)) / (lum.std(axis=-1, keepdims=True) + LUMA_EPS)
+    return np.abs(z(a) - z(b)).max(axis=-1)
+
+
+def near_match(hash_dist, colour_dist, luma_dist, threshold: int = DEFAULT_THRESHOLD):
+    """The rule for one (query view, index view) pair, elementwise: ``hash <= threshold`` and
+    ``colour <=`` :data:`COLOUR_BOUND`, or ``hash <= threshold +`` :data:`HASH_MARGIN`, ``colour <=``
+    :data:`TIGHT_COLOUR_BOUND` and ``luma <=`` :data:`LUMA_BOUND`."""
+    h, c, lum = np.asarray(hash_dist), np.asarray(colour_dist), np.asarray(luma_dist)
+    return (((h <= threshold) & (c <= COLOUR_BOUND))
+            | ((h <= threshold + HASH_MARGIN) & (c <= TIGHT_COLOUR_BOUND) & (lum <= LUMA_BOUND)))
+
+
+def has_colour(codes: np.ndarray) -> bool:
+    """Whether view codes (..., V, B) carry a colour grid after the hash (``B ==`` :data:`CODE_BYTES`)."""
+    return np.ndim(codes) >= 2 and np.shape(codes)[-1] == CODE_BYTES
+
+
+def search_radius(threshold: int, coloured: bool) -> int:
+    """The largest hash distance the rule can accept: ``threshold + HASH_MARGIN`` with colour, else ``threshold``."""
+    return int(threshold) + (HASH_MARGIN if coloured else 0)
+
+
 def view_distance(a: np.ndarray, b: np.ndarray, query: tuple[int, ...] = QUERY_VIEWS,
                   index: tuple[int, ...] = INDEX_VIEWS) -> np.ndarray:
-    """The rule's distance between view codes ``a`` and ``b`` (..., V, B): the smallest Hamming
-    distance of a query view of one to an index view of the other (broadcasts over ``...``)."""
+    """The smallest *hash* distance of a query view of one of ``a``, ``b`` (..., V, B) to an index
+    view of the other (broadcasts over ``...``); the colour part, if any, is left out."""
     a, b = np.asarray(a), np.asarray(b)
+    if has_colour(a):
+        a, b = a[..., :HASH_BYTES], b[..., :HASH_BYTES]
     qa, ib = a[..., list(query), None, :], b[..., None, list(index), :]
     qb, ia = b[..., list(query), None, :], a[..., None, list(index), :]
     return np.minimum(hamming(qa, ib).min(axis=(-2, -1)), hamming(qb, ia).min(axis=(-2, -1)))
 
 
+def view_match(a: np.ndarray, b: np.ndarray, threshold: int = DEFAULT_THRESHOLD,
+               query: tuple[int, ...] = QUERY_VIEWS, index: tuple[int, ...] = INDEX_VIEWS) -> np.ndarray:
+    """Whether view codes ``a`` and ``b`` (..., V, B) are near-duplicates under the rule
+    (:func:`near_match` for some query view of one and index view of the other; hash alone for
+    codes without colour); bool, broadcasts over ``...``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not has_colour(a):
+        return view_distance(a, b, query, index) <= threshold
+    out = None
+    for x, y in ((a, b), (b, a)):
+        qx, iy = x[..., list(query), None, :], y[..., None, list(index), :]
+        h = hamming(qx[..., :HASH_BYTES], iy[..., :HASH_BYTES])
+        c = colour_distance(qx[..., HASH_BYTES:], iy[..., HASH_BYTES:])
+        lum = luma_distance(qx[..., HASH_BYTES:], iy[..., HASH_BYTES:])
+        hit = near_match(h, c, lum, threshold).any(axis=(-2, -1))
+        out = hit if out is None else out | hit
+    return out
+
+
 # ----------------------------------------------------------------------------- search
 
 def _views(codes: np.ndarray, query, index) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
-    """``codes`` as (N, V, 8); a plain (N, 8) array is one view, compared with itself."""
+    """``codes`` as (N, V, B); a plain (N, B) array is one view, compared with itself."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if codes.ndim == 2:
         return codes[:, None, :], (0,), (0,)
@@ -179,42 +295,74 @@ def _image_pairs(qimg: np.ndarray, jimg: np.ndarray) -> np.ndarray:
     return np.unique(np.stack([a[keep], b[keep]], axis=1).astype(np.int64), axis=0)
 
 
+def accepted_candidates(codes: np.ndarray, query: tuple[int, ...], index: tuple[int, ...], q: np.ndarray, x: np.ndarray,
+              hash_dist: np.ndarray, threshold: int, block: int = 1 << 18) -> np.ndarray:
+    """Which candidates the rule accepts: ``q`` numbers a query code in ``codes[:, query]`` flattened,
+    ``x`` an index code in ``codes[:, index]`` flattened, ``hash_dist`` their hash distance (a
+    search within :func:`search_radius` gives them); the colour and light distances are computed
+    for ``block`` candidates at a time. Codes without colour: ``hash_dist <= threshold``."""
+    if not has_colour(codes):
+        return hash_dist <= threshold
+    qv, xv = np.asarray(query, np.int64), np.asarray(index, np.int64)
+    keep = np.zeros(len(q), dtype=bool)
+    for lo in range(0, len(q), block):
+        qs, xs = q[lo:lo + block], x[lo:lo + block]
+        a = codes[qs // len(qv), qv[qs % len(qv)], HASH_BYTES:]
+        b = codes[xs // len(xv), xv[xs % len(xv)], HASH_BYTES:]
+        keep[lo:lo + block] = near_match(hash_dist[lo:lo + block], colour_distance(a, b), luma_distance(a, b),
+                                         threshold)
+    return keep
+
+
 def near_pairs(codes: np.ndarray, threshold: int, query: tuple[int, ...] | None = None,
                index: tuple[int, ...] | None = None) -> np.ndarray:
-    """All pairs (i, j), i < j, of images within ``threshold`` bits under the rule; shape (P, 2), sorted.
+    """All pairs (i, j), i < j, of images that the rule matches at ``threshold``; shape (P, 2), sorted.
 
-    ``codes``: (N, 8) -- one hash per image -- or (N, V, 8) view codes (:func:`view_codes`), the
+    ``codes``: (N, B) -- one hash per image -- or (N, V, B) view codes (:func:`view_codes`), the
     ``query`` views of each image searched against the ``index`` views of every image (default
-    :data:`QUERY_VIEWS`, :data:`INDEX_VIEWS`). Exact: faiss's brute force over all pairs of codes.
+    :data:`QUERY_VIEWS`, :data:`INDEX_VIEWS`). Exact: faiss's brute force over all pairs of hashes
+    within :func:`search_radius`, then the rule on those candidates.
     """
     import faiss
 
     codes, query, index = _views(codes, query, index)
-    n, nbytes = len(codes), codes.shape[-1]
+    n = len(codes)
     if threshold < 0 or n < 2:
         return np.zeros((0, 2), dtype=np.int64)
+    coloured = has_colour(codes)
+    hashes = codes[..., :HASH_BYTES] if coloured else codes
+    nbytes = hashes.shape[-1]
     flat = faiss.IndexBinaryFlat(nbytes * 8)
-    flat.add(np.ascontiguousarray(codes[:, list(index)].reshape(-1, nbytes)))
-    queries = np.ascontiguousarray(codes[:, list(query)].reshape(-1, nbytes))
-    lims, _, ids = flat.range_search(queries, int(threshold) + 1)  # faiss keeps distances < radius
-    qimg = np.repeat(np.arange(len(queries), dtype=np.int64) // len(query), np.diff(lims).astype(np.int64))
-    return _image_pairs(qimg, ids.astype(np.int64) // len(index))
+    flat.add(np.ascontiguousarray(hashes[:, list(index)].reshape(-1, nbytes)))
+    queries = np.ascontiguousarray(hashes[:, list(query)].reshape(-1, nbytes))
+    lims, dist, ids = flat.range_search(queries, search_radius(threshold, coloured) + 1)  # keeps d < radius
+    q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims).astype(np.int64))
+    x = ids.astype(np.int64)
+    keep = accepted_candidates(codes, query, index, q, x, dist.astype(np.int64), threshold)
+    return _image_pairs(q[keep] // len(query), x[keep] // len(index))
 
 
 def near_pairs_bruteforce(codes: np.ndarray, threshold: int, query: tuple[int, ...] | None = None,
                           index: tuple[int, ...] | None = None, block_words: int = 1 << 22) -> np.ndarray:
-    """The same pairs as :func:`near_pairs` by numpy over all pairs of codes (reference and benchmark),
-    comparing blocks of queries with all index codes, about ``block_words`` 64-bit words at a time."""
+    """The same pairs as :func:`near_pairs` by numpy over all pairs of hashes (reference and
+    benchmark), comparing blocks of queries with all index hashes, about ``block_words`` 64-bit
+    words at a time, then the rule on the candidates."""
     codes, query, index = _views(codes, query, index)
-    nbytes = codes.shape[-1]
-    q = codes[:, list(query)].reshape(-1, nbytes).view(np.uint64)   # codes as 64-bit words
-    x = codes[:, list(index)].reshape(-1, nbytes).view(np.uint64)
+    if threshold < 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    coloured = has_colour(codes)
+    hashes = np.ascontiguousarray(codes[..., :HASH_BYTES] if coloured else codes)
+    nbytes = hashes.shape[-1]
+    qh = np.ascontiguousarray(hashes[:, list(query)].reshape(-1, nbytes)).view(np.uint64)   # hashes as 64-bit words
+    xh = np.ascontiguousarray(hashes[:, list(index)].reshape(-1, nbytes)).view(np.uint64)
+    radius = search_radius(threshold, coloured)
     out = [np.zeros((0, 2), dtype=np.int64)]
-    block = max(1, block_words // max(1, x.size))
-    for lo in range(0, len(q), block):
-        d = np.bitwise_count(np.bitwise_xor(q[lo:lo + block, None, :], x[None, :, :])).sum(axis=-1)
-        i, j = np.nonzero(d <= threshold)
-        out.append(_image_pairs((i + lo) // len(query), j // len(index)))
+    block = max(1, block_words // max(1, xh.size))
+    for lo in range(0, len(qh), block):
+        d = np.bitwise_count(np.bitwise_xor(qh[lo:lo + block, None, :], xh[None, :, :])).sum(axis=-1, dtype=np.int64)
+        i, j = np.nonzero(d <= radius)
+        keep = accepted_candidates(codes, query, index, i + lo, j, d[i, j], threshold)
+        out.append(_image_pairs((i[keep] + lo) // len(query), j[keep] // len(index)))
     return np.unique(np.concatenate(out), axis=0)
 
 
@@ -310,12 +458,12 @@ class Calibration:
     threshold: int
     images: int                     # originals
     copies: int                     # planted copies
-    recall: float                   # copies within threshold of their original
+    recall: float                   # copies matched to their original (view_match)
     recall_by_transform: dict[str, float]
-    precision: float                # pairs within threshold that share an original
+    precision: float                # pairs matched (near_pairs) that share an original
     pairs_found: int
-    copy_distance_p95: float        # 95th percentile of copy-to-original distances (bits)
-    other_distance_p01: float       # 1st percentile of distances between different originals
+    copy_distance_p95: float        # 95th percentile of copy-to-original hash distances (bits)
+    other_distance_p01: float       # 1st percentile of hash distances between different originals
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -327,7 +475,7 @@ def calibrate(images: list[Image.Image], threshold: int = DEFAULT_THRESHOLD, see
     """Plant copies of each image (every transform, or ``per_image`` of them in turn:
     :func:`planted_kinds`) and measure ``rule`` at ``threshold``.
 
-    Precision counts every pair of the originals-plus-copies set found within the threshold
+    Precision counts every pair of the originals-plus-copies set the rule matches
     (via :func:`near_pairs`); a pair is correct when both come from the same original.
     """
     if len(images) < 2:
@@ -346,7 +494,7 @@ def calibrate(images: list[Image.Image], threshold: int = DEFAULT_THRESHOLD, see
     orig = np.flatnonzero(kind_a == "original")
     copies = np.flatnonzero(kind_a != "original")
     d_copy = view_distance(codes_a[copies], codes_a[orig[owner_a[copies]]], rule.query, rule.index)
-    hit = d_copy <= threshold
+    hit = view_match(codes_a[copies], codes_a[orig[owner_a[copies]]], threshold, rule.query, rule.index)
     pairs = near_pairs(codes_a, threshold, rule.query, rule.index)
     correct = int(np.sum(owner_a[pairs[:, 0]] == owner_a[pairs[:, 1]])) if len(pairs) else 0
     iu = np.triu_indices(len(orig), 1)

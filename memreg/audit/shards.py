@@ -9,9 +9,9 @@ its memory; then one line per row::
     {"row", "name", "caption", "sha256", "phash", "views", "error", "norm", "align", "score"}
 
 ``sha256`` is :func:`memreg.duplicates.content_hash` (the monitor's key), ``phash`` the 64-bit
-perceptual hash in hex, ``views`` the pHashes of the near-duplicate views
-(:data:`memreg.audit.near_dup.VIEWS`, 8 bytes each) in hex; an unreadable image has ``error`` set
-and no hashes.
+perceptual hash in hex, ``views`` the codes of the near-duplicate views
+(:data:`memreg.audit.near_dup.VIEWS`, :data:`~memreg.audit.near_dup.CODE_BYTES` each: hash, then
+colour grid) in hex; an unreadable image has ``error`` set and no hashes.
 """
 
 from __future__ import annotations

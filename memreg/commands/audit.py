@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-score", action="store_true", help="skip the per-caption score (no --model needed)")
     p.add_argument("--phash-threshold", type=int, default=DEFAULT_THRESHOLD,
                    help="near-duplicate: a view's pHash+dHash within this many bits of 128 of a view of the other "
-                   f"image (views: the image, its mirror, 90%% windows; memreg.audit.near_dup; default {DEFAULT_THRESHOLD})")
+                   "image with agreeing colour grids, or within it plus a margin with closely agreeing colours "
+                   f"(views: the image, its mirror, 90%% windows; memreg.audit.near_dup; default {DEFAULT_THRESHOLD})")
     p.add_argument("--min-cluster", type=int, default=2, help="clusters of at least this many rows are listed")
     p.add_argument("--calibration-images", type=int, default=64,
                    help="images of the dataset that get planted copies to measure recall/precision (0: skip)")

@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -54,7 +55,7 @@ from memreg.metrics import auroc
 from memreg.guards import GUARDS, guard_spec
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
 from memreg.models import load_components
-from memreg.report import build_report, load_run
+from memreg.report import build_report, load_run, run_colors
 from memreg.testing import build_tiny_sd
 from memreg.training.config import load_config, load_yaml
 from memreg.training.loop import train
@@ -67,7 +68,8 @@ COPY_LABELS = {"studio": ("exact", "paraphrased"), "web": ("training wordings", 
 # this. The web world's copies spread over four wordings and near-duplicates, so each wording is
 # reproduced less often (README: the web world).
 MEMORIZES = {"studio": {"none": 0.5, "lora_none": 0.3}, "web": {"none": 0.3, "lora_none": 0.2}}
-SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack", "web"}
+SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack", "web",
+            "studies"}
 WEB_SECTIONS = {"data", "finetune", "runs"}   # what the web world changes; everything else is the first world's
 WORLDS = ("studio", "web")                    # the first world (one caption, exact copies) and the web world
 
@@ -128,6 +130,43 @@ def world_settings(settings: dict, world: str) -> dict:
     out["runs"] = copy.deepcopy(web.get("runs") or {})
     out["attack"] = {**out["attack"], "runs": []}
     out["mitigation"] = None
+    return out
+
+
+STUDY_SUFFIX = re.compile(r"@[^@]+$")   # a study run's name: its guarded run's, then @<value>
+STUDY_KEYS = ("guard.weight", "guard.term")   # what a study may vary (memreg.demo.run.study_settings)
+
+
+def study_settings(settings: dict, study: str) -> dict:
+    """``--study NAME`` (``studies.NAME: {key, values, runs}`` in the config): every guarded run of each
+    world (the anisotropy gate; ``runs``: only those named) again at each value of one guard key, as
+    ``<name>@<value>``, beside the plain runs they are compared with; baselines, the attack and the
+    mitigation are left out."""
+    spec = (settings.get("studies") or {}).get(study)
+    if not spec or spec.get("key") not in STUDY_KEYS or not spec.get("values"):
+        raise ValueError(f"--study {study}: the demo config needs studies: {{{study}: {{key: one of "
+                         f"{list(STUDY_KEYS)}, values: [...]}}}} (it has {sorted(settings.get('studies') or {})})")
+    key, only = spec["key"], spec.get("runs")
+    cast = float if key == "guard.weight" else str
+    out = copy.deepcopy(settings)
+    kinds = {n: guard_spec(run_overrides(settings, n)["guard.type"]).name for n in settings["runs"]}
+    guarded = [n for n, k in kinds.items() if k == "anisotropy_gate" and (only is None or n in only)]
+    modes = {n: {"mode": run_overrides(settings, n).get("mode", "lora")} for n in settings["runs"]}
+    plains = {plain_run_of(modes, n) for n in guarded}
+    runs = {}
+    for name, run in settings["runs"].items():
+        if name in plains or name in guarded:
+            runs[name] = run
+        if name in guarded:
+            over = run_overrides(settings, name)
+            for v in spec["values"]:
+                runs[f"{name}@{cast(v):g}" if cast is float else f"{name}@{v}"] = {
+                    **(run or {}), "guard.type": over["guard.type"], key: cast(v)}
+    out["runs"] = runs
+    out["attack"] = {**out["attack"], "runs": []}
+    out["mitigation"] = None
+    if out.get("web") is not None:
+        out["web"] = dict(out["web"], runs=study_settings(world_settings(settings, "web"), study)["runs"])
     return out
 
 
@@ -331,7 +370,7 @@ def plain_run_of(runs: dict, name: str) -> str:
     ``none``; an unguarded run with itself."""
     if name in ("none", "lora_none") or name.startswith("none_"):
         return name
-    head, _, suffix = name.partition("_")
+    head, _, suffix = STUDY_SUFFIX.sub("", name).partition("_")
     if head != "lora" and suffix and f"none_{suffix}" in runs:
         return f"none_{suffix}"
     return "lora_none" if runs[name]["mode"] == "lora" and "lora_none" in runs else "none"
@@ -389,12 +428,42 @@ def _world_targets(runs: dict, detection: dict, world: str) -> list[tuple]:
     return rows
 
 
+def curve_targets(runs: dict, world: str) -> list[tuple]:
+    """The penalty's trade-off curve (``--study`` over ``guard.weight``): each guarded run at every weight against
+    its plain run, held-out loss <= 1.10x and adherence >= 0.90x; along the weights of one guarded
+    run, each copy rate no higher than the upper end of the previous weight's 95% interval."""
+    prefix, labels = ("" if world == "studio" else f"{world}: "), COPY_LABELS[world]
+    families: dict[str, list[tuple[float, str]]] = {}
+    for name, r in runs.items():
+        if r["guard"] == "anisotropy_gate":
+            families.setdefault(STUDY_SUFFIX.sub("", name), []).append((r.get("weight") or 0.0, name))
+    rows = []
+    for family, members in families.items():
+        members.sort()
+        plain = plain_run_of(runs, family)
+        for w, name in members:
+            g, p = runs[name], runs[plain]
+            r = ratio(g["heldout_loss"], p["heldout_loss"])
+            rows.append((f"{prefix}{name} (weight {w:g}) held-out loss <= 1.10x {plain}'s", r, r <= 1.10))
+            r = ratio(g["adherence"], p["adherence"])
+            rows.append((f"{prefix}{name} (weight {w:g}) adherence >= 0.90x {plain}'s", r, r >= 0.90))
+        for (_, a), (w, b) in zip(members, members[1:]):
+            for key, label in zip(("copy_exact", "copy_paraphrase"), labels):
+                hi, v = runs[a][key]["ci95"][1], runs[b][key]["rate"]
+                rows.append((f"{prefix}{b} copy rate ({label}) <= upper 95% bound of {a}'s ({hi:.2f})", v, v <= hi))
+    return rows
+
+
 def targets(results: dict) -> list[dict]:
     """The demo's targets, each computed from ``results`` (never hard-coded outcomes)."""
     runs = results["runs"]
     rows = _world_targets(runs, results["detection_none"], "studio") if runs else []
     if results.get("web"):
         rows += _world_targets(results["web"]["runs"], results["web"]["detection_none"], "web")
+    study = ((results.get("settings") or {}).get("studies") or {}).get(results.get("study") or "")
+    if study and study["key"] == "guard.weight":
+        rows += curve_targets(runs, "studio") if runs else []
+        rows += curve_targets(results["web"]["runs"], "web") if results.get("web") else []
     if results.get("mitigation_none"):
         rows += mitigation_targets(results["mitigation_none"])
     rows += attack_targets_of(runs)
@@ -409,12 +478,19 @@ def _fmt_rate(r: dict) -> str:
 
 def _runs_table(runs: dict, labels: tuple[str, str]) -> list[str]:
     head = ["run", "mode", f"copy {labels[0]} [95% CI]", f"copy {labels[1]} [95% CI]", "held-out copy",
-            "held-out loss", "adherence", "cond ratio", "step time x", "train s"]
+            "held-out loss", "adherence", "cond ratio", "step time x", "train s", "fired dup/ord", "gated dup/ord"]
     rows = []
     for name, r in runs.items():
+        rep = r.get("final_guard_report") or {}
+
+        def pair(kind: str) -> str:
+            v = [rep.get(f"{kind}_{g}") for g in tags.FIRE_GROUPS]
+            return "-" if any(x is None for x in v) else "/".join(f"{x:.3f}" for x in v)
+
         rows.append([name, r["mode"], _fmt_rate(r["copy_exact"]), _fmt_rate(r["copy_paraphrase"]),
                      f"{r['heldout_copy']['rate']:.2f}", f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}",
-                     f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}"])
+                     f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}", pair("fire_rate"),
+                     pair("gate_rate")])
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     return [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
@@ -593,7 +669,7 @@ def run_all(worlds: dict[str, tuple[dict, Path, Path]], base: Path) -> tuple[dic
 
 
 def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir: str | Path | None = None,
-             worlds: list[str] | None = None) -> dict:
+             worlds: list[str] | None = None, study: str | None = None) -> dict:
     """The whole demo; returns the results dict (also written to ``out/results.json``).
 
     ``cache_dir`` overrides the config's (data and base model are reused from there); ``worlds``
@@ -601,6 +677,8 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     """
     t_start = time.perf_counter()
     settings = load_settings(config, quick)
+    if study:
+        settings = study_settings(settings, study)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         kept = out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -628,15 +706,18 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
     runs = all_runs.get("studio", {})
     results = {"date": time.strftime("%Y-%m-%d"), "quick": quick, "base_model": str(base), "base_s": base_s,
                "data": str(data_roots.get("studio")), "settings": settings, "runs": runs,
-               "detection_none": runs["none"]["detection"] if "none" in runs else {}, "mitigation_none": mitigation}
+               "detection_none": runs["none"]["detection"] if "none" in runs else {}, "mitigation_none": mitigation,
+               "study": study}
     if "web" in all_runs:
         web = all_runs["web"]
         results["web"] = {"data": str(data_roots["web"]), "runs": web,
                           "detection_none": web["none"]["detection"] if "none" in web else {}}
     report = out / "report.html"
     figures = []
+    colors = run_colors([f"{w}/{g}" for w in worlds for g in all_runs[w]])   # the report's run order, below
     for w, (_, o) in worlds.items():
-        png = plot_tradeoff(all_runs[w], o / "tradeoff.png", labels=COPY_LABELS[w])
+        png = plot_tradeoff(all_runs[w], o / "tradeoff.png", labels=COPY_LABELS[w],
+                            colors={g: colors[f"{w}/{g}"] for g in all_runs[w]})
         figures.append((png, f"Copy rate vs held-out loss ({w} world)", "every run of the world; penalty runs joined "
                         "by weight; ring = Pareto-optimal among runs of the same mode; lower-left is better"))
     build_report([load_run(o / "runs" / g) for w, (_, o) in worlds.items() for g in all_runs[w]], report,

@@ -24,7 +24,6 @@ import yaml
 from memreg.config_schema import (ConfigError, apply_mapping, choice, field_type, flat_dict, given_keys, load_yaml,
                                   set_key, unknown_key_error)
 from memreg.config_schema import valid_keys as _schema_keys
-from memreg.guards.anisotropy_gate.config import uses_base
 from memreg.guards.registry import GuardConfig, guard_spec
 from memreg.monitor_config import EvalConfig
 from memreg.training.captions import from_train_config as caption_config
@@ -241,11 +240,15 @@ def validate(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cfg.guard.validate()
+
+
+def keeps_base_copy(cfg) -> bool:
+    """Full fine-tuning with a guard that runs the base model beside the trained one (the anchor
+    penalty, or base values by forward): the trainer keeps a frozen copy of the base UNet, in the
+    weight dtype (its memory: one UNet, no gradients or optimizer state). LoRA runs the base by
+    disabling the adapters instead."""
     g = cfg.guard
-    if (cfg.mode == "full" and guard_spec(g.type).name == "anisotropy_gate" and g.reference_source == "forward"
-            and uses_base(g.reference)):
-        raise ConfigError("guard.reference_source: forward needs the base model next to the trained one; full "
-                          "fine-tuning keeps no frozen copy, use guard.reference_source: cache (or auto)")
+    return cfg.mode == "full" and guard_spec(g.type).name == "anisotropy_gate" and g.needs_base_model
 
 
 # Bounded float settings: key -> (the rule as the error states it, the check). Floats are finite already

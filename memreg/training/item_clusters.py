@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from memreg import sharding
 from memreg.audit.merge import RowIndex, cluster_rows
-from memreg.audit.near_dup import DEFAULT_THRESHOLD, HASH_BYTES, VIEWS, hash_settings, view_codes
+from memreg.audit.near_dup import CODE_BYTES, DEFAULT_THRESHOLD, VIEWS, hash_settings, view_codes
 from memreg.duplicates import DuplicateIndex, content_hash
 from memreg.errors import MemregError, one_line
 from memreg.image_io import load_rgb
@@ -110,7 +110,7 @@ def _merge(parts: Path, n: int, shard_size: int, near: bool, threshold: int,
     """(sha256 bytes (N, 32), item label per row (its first row), stats) from the parts; or the error
     message of the first unreadable row (the parts holding one are removed, so a retry hashes them again)."""
     sha = np.zeros((n, 32), np.uint8)
-    codes = np.zeros((n, len(VIEWS), HASH_BYTES) if near else (n, 0), np.uint8)
+    codes = np.zeros((n, len(VIEWS), CODE_BYTES) if near else (n, 0), np.uint8)
     error, bad_parts = None, []
     for k in range(len(sharding.shard_ranges(n, shard_size))):
         for x in sharding.read_part(parts, k)[1]:
@@ -121,7 +121,7 @@ def _merge(parts: Path, n: int, shard_size: int, near: bool, threshold: int,
                 continue
             sha[i] = np.frombuffer(bytes.fromhex(x["sha256"]), np.uint8)
             if near:
-                codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), HASH_BYTES)
+                codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), CODE_BYTES)
     if error is not None:
         for k in set(bad_parts):
             sharding.part_path(parts, k).unlink(missing_ok=True)

@@ -292,7 +292,7 @@ def _guard_context(run: _Run) -> GuardContext:
         gradient_checkpointing=run.cfg.gradient_checkpointing, train_captions=run.data.train_captions(),
         calibration_batches=lambda n, gen: _calibration_batches(run, n, gen),
         gather=lambda t: _gather_cat(acc, t), reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum"),
-        broadcast=broadcast_cpu, autocast=acc.autocast,
+        broadcast=broadcast_cpu, autocast=acc.autocast, reference=m.reference,
         duplicated_captions=lambda: duplicated_captions(run.train_records(), run.cfg.eval.dup_min_count,
                                                         index=run.dup_index()))
 

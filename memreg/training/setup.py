@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 
 from memreg.models import SDComponents, check_model_path, load_components
-from memreg.training.config import ConfigError
+from memreg.training.config import ConfigError, keeps_base_copy
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class TrainModels:
     train_text_encoder: bool
     ema: Any = None
     text_encoder_2: Any = None        # SDXL's second (projected) text encoder; trained with the first
+    reference: Any = None             # full fine-tuning: a frozen copy of the base UNet (config.keeps_base_copy)
 
     @property
     def text_encoders(self) -> list:
@@ -82,7 +84,7 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
     unet, te, vae = comps.unet, comps.text_encoder, comps.vae
     tes = comps.text_encoders   # [te] for SD 1.x/2.x, [te, te_2] for SDXL
     wdtype = weight_dtype_for(mixed_precision)
-    ema = None
+    ema = reference = None
     if cfg.mode == "lora":
         unet.requires_grad_(False)
         move_model(unet, device, wdtype)
@@ -98,6 +100,9 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
         if wdtype != torch.float32:
             cast_training_params([unet, *tes] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
+        if keeps_base_copy(cfg):
+            reference = copy.deepcopy(unet).requires_grad_(False).eval()
+            move_model(reference, device, wdtype)
         move_model(unet, device, torch.float32)
         unet.requires_grad_(True)
         for enc in tes:
@@ -125,7 +130,8 @@ def setup_models(cfg, device, mixed_precision: str | None) -> TrainModels:
         params += [p for enc in tes for p in enc.parameters() if p.requires_grad]
     return TrainModels(components=comps, unet=unet, text_encoder=te, vae=vae, tokenizer=comps.tokenizer,
                        noise_scheduler=comps.scheduler, weight_dtype=wdtype, trainable_params=params,
-                       train_text_encoder=cfg.train_text_encoder, ema=ema, text_encoder_2=comps.text_encoder_2)
+                       train_text_encoder=cfg.train_text_encoder, ema=ema, text_encoder_2=comps.text_encoder_2,
+                       reference=reference)
 
 
 def clip_trainable_grads(accelerator, params: list, max_norm: float | None) -> float | None:

@@ -205,3 +205,45 @@ def test_world_check_uses_the_memorized_wordings_not_the_index_groups(tmp_path):
     # memorized vs held-out pairs: 2>1, 2<2.5, 3>1, 3>2.5 -> 3/4; align is the negative: 1/4
     assert d["positives"] == "memorized" and d["norm"] == 0.75 and d["score"] == 0.75 and d["align"] == 0.25
     assert d["duplicated_auc"]["norm"] == scalars["eval/auc/duplicated_vs_heldout/norm"]
+
+
+def _curve_run(copy, para, loss, adh, mode="full", weight=0.0, hi=None):
+    r = _run(copy, para, loss, adh, mode=mode, guard="anisotropy_gate", weight=weight)
+    for key, rate in (("copy_exact", copy), ("copy_paraphrase", para)):
+        r[key]["ci95"] = [0.0, rate + 0.05 if hi is None else hi]
+    return r
+
+
+def test_study_runs_are_named_by_value_and_compared_with_their_plain_run():
+    from memreg.demo.run import load_settings, study_settings
+
+    settings = load_settings(CONFIG)
+    s = study_settings(settings, "penalty_curve")
+    weights = settings["studies"]["penalty_curve"]["values"]
+    assert [n for n in s["runs"] if n.startswith("lora_penalty@")] == [f"lora_penalty@{w:g}" for w in weights]
+    assert s["runs"][f"penalty@{weights[-1]:g}"]["guard.weight"] == weights[-1]
+    assert "wen_filter" not in s["runs"] and s["attack"]["runs"] == [] and s["mitigation"] is None
+    web = world_settings(s, "web")["runs"]
+    runs = {n: {"mode": (r or {}).get("mode", "full")} for n, r in web.items()}
+    assert plain_run_of(runs, "penalty_augment@0.5") == "none_augment"
+    assert plain_run_of(runs, "lora_penalty@1") == "lora_none" and plain_run_of(runs, "penalty@1") == "none"
+    term = study_settings(settings, "term")["runs"]
+    assert term["penalty@align"]["guard.term"] == "align" and "penalty@combined" in term
+    assert list(term) == ["none", "penalty", "penalty@align", "penalty@combined"]   # runs: [penalty] and its plain run
+    with pytest.raises(ValueError, match="--study nope"):
+        study_settings(settings, "nope")
+
+
+def test_curve_targets_by_hand():
+    from memreg.demo.run import curve_targets
+
+    runs = {"none": _run(0.5, 0.3, 1.0, 0.9), "penalty": _curve_run(0.10, 0.05, 1.02, 0.90, hi=0.12),
+            "penalty@0.5": _curve_run(0.11, 0.00, 1.12, 0.80, weight=0.5, hi=0.2),
+            "penalty@1": _curve_run(0.25, 0.00, 1.05, 0.95, weight=1.0)}
+    got = {t: ok for t, _, ok in curve_targets(runs, "studio")}
+    assert got["penalty (weight 0) held-out loss <= 1.10x none's"] is True
+    assert got["penalty@0.5 (weight 0.5) held-out loss <= 1.10x none's"] is False     # 1.12
+    assert got["penalty@0.5 (weight 0.5) adherence >= 0.90x none's"] is False         # 0.80 / 0.9 = 0.89
+    assert got["penalty@1 (weight 1) adherence >= 0.90x none's"] is True
+    assert got["penalty@0.5 copy rate (exact) <= upper 95% bound of penalty's (0.12)"] is True    # 0.11
+    assert got["penalty@1 copy rate (exact) <= upper 95% bound of penalty@0.5's (0.20)"] is False  # 0.25

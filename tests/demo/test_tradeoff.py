@@ -75,3 +75,30 @@ def test_plot_refuses_no_runs(tmp_path):
     with pytest.raises(ValueError, match="no runs"):
         plot_tradeoff({}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_x_range_leaves_a_broken_run_off_the_scale():
+    from memreg.demo.tradeoff import x_range
+
+    runs = {"a": _run(0.10, 0.5), "b": _run(0.12, 0.1), "broken": _run(1.00, 0.0)}
+    lo, hi = x_range(runs)                  # up to 1.5 x 0.10: 0.10 .. 0.12, margin 5% of 0.02
+    assert lo == pytest.approx(0.099) and hi == pytest.approx(0.121)
+    assert x_range({"a": _run(0.1, 0.5)}) == pytest.approx((0.095, 0.105))
+
+
+def test_plot_colours_are_the_reports_and_every_run_needs_one(runs, tmp_path):
+    from memreg.report import run_colors
+
+    assert run_colors(["x", "y"]) == {"x": "#1f77b4", "y": "#ff7f0e"}   # tab10, the report's order
+    with pytest.raises(ValueError, match="no colour for run"):
+        plot_tradeoff(runs, tmp_path / "x.png", colors={"none": "#000000"})
+    broken = dict(runs, broken=_run(9.0, 0.0))
+    assert plot_tradeoff(broken, tmp_path / "y.png").stat().st_size > 10_000
+
+
+def test_label_lifts_stack_crowded_names_only():
+    from memreg.demo.tradeoff import LABEL_STEP, label_lifts
+
+    # width 1: a, b, c at copy 0 within 0.12 of each other in x; d far right; e high up
+    pts = {"a": (0.00, 0.0), "b": (0.05, 0.0), "c": (0.10, 0.0), "d": (0.9, 0.0), "e": (0.05, 0.5)}
+    assert label_lifts(pts, 1.0) == {"a": 0, "b": LABEL_STEP, "c": 2 * LABEL_STEP, "d": 0, "e": 0}

@@ -109,7 +109,7 @@ def test_guard_probes_fuse_into_the_training_forward(sdxl_components):
     enc = prompt_encoder(comps, image_size=32)
     ctx = GuardContext.for_models(comps.unet, comps.scheduler, comps.tokenizer, comps.text_encoder, (4, 16, 16),
                                   encoder=enc, train_captions=PROMPTS * 4)
-    guard = build_guard({"type": "anisotropy_gate", "weight": 1.0, "every_n_steps": 1, "probes_per_step": 2,
+    guard = build_guard({"type": "anisotropy_gate", "penalty": "score", "weight": 1.0, "every_n_steps": 1, "probes_per_step": 2,
                          "reference": "none", "gate": False, "tau": 0.0, "zscore": "none", "calibration_prompts": 4,
                          "calibration_seeds": 1}, ctx)
     guard.calibrate()

@@ -52,10 +52,14 @@ def test_lora_reloads_into_the_diffusers_sdxl_pipeline(lora_gate_run, tiny_sdxl)
 
 
 def test_penalty_weight_and_text_encoder_lora_on_both_encoders(tiny_sdxl, sdxl_data, tmp_path):
+    """The anchor penalty at weight 1 (flagged rows' base predictions through SDXL's added
+    conditioning rows) with LoRA on the UNet and both text encoders."""
     out = tmp_path / "te"
     res = train_run(tiny_sdxl, sdxl_data, out, steps=2, train_text_encoder=True, guard__weight=1.0,
-                    guard__every_n_steps=1, **GATE)
+                    guard__every_n_steps=1, guard__reference="none", guard__zscore="none", guard__tau=-1e9,
+                    guard__term="norm", **GATE)
     assert res.global_step == 2 and "guard/penalty" in res.logs[-1]
+    assert res.logs[-1]["guard/anchor_rows"] > 0     # every probe fired: its rows were anchored
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(prefix) for k in keys), prefix

@@ -46,16 +46,6 @@ def test_weighted_mean_by_hand():
     assert float(zero.detach()) == 0.0 and per.grad.tolist() == [0.0] * 4
 
 
-def test_forward_base_values_with_full_fine_tuning_are_refused_at_load_time():
-    from memreg.training.config import ConfigError, load_config
-
-    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
-    with pytest.raises(ConfigError, match="reference_source: forward"):
-        load_config(["--config", tiny, "--mode", "full", "--guard.type", "penalty", "--guard.reference_source",
-                     "forward"])
-    assert load_config(["--config", tiny, "--mode", "full", "--guard.type", "penalty"]).guard.reference_source == "auto"
-
-
 def test_gate_weight_out_of_range_is_refused():
     with pytest.raises(ValueError, match="gate_weight"):
         CaptionGate(weight=1.0)

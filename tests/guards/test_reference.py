@@ -171,7 +171,7 @@ def _guard(c, unet=None, **cfg):
                        uncond=enc.uncond, latent_shape=(4, 16, 16), train_captions=CAPTIONS, seed=11,
                        duplicated_captions=lambda: {"a red circle"})
     base = {"type": "penalty", "reference": "base", "zscore": "none", "every_n_steps": 1, "probes_per_step": 4,
-            "gate": False, "weight": 0.1, "population_k": 3.0,
+            "gate": False, "penalty": "score", "weight": 0.1, "population_k": 3.0,
             "calibration_prompts": 4, "calibration_seeds": 1}
     return build_guard({**base, **cfg}, ctx), enc
 
@@ -320,7 +320,7 @@ def test_weight_zero_in_reference_mode_reproduces_the_plain_run(tiny_sd_eps, dup
 
 def test_cached_reference_and_population_resume_exactly(tiny_sd_eps, dup_data, tmp_path):
     h = _training_helpers()
-    kw = dict(REF_ON, guard__weight=1.0, guard__reference_source="cache", guard__zscore="none")
+    kw = dict(REF_ON, guard__penalty="score", guard__weight=1.0, guard__reference_source="cache", guard__zscore="none")
     straight = h.run(tiny_sd_eps, dup_data, tmp_path / "straight", steps=4, **kw)
     h.run(tiny_sd_eps, dup_data, tmp_path / "killed", steps=4, stop_at_step=2, **kw)
     resumed = h.run(tiny_sd_eps, dup_data, tmp_path / "killed", steps=4, resume_from_checkpoint="latest", **kw)
@@ -348,7 +348,7 @@ def test_two_processes_share_one_cache_and_one_population(tiny_sd_eps, dup_data,
 
     h = _training_helpers()
     out = tmp_path / "ddp_ref"
-    kw = dict(REF_ON, guard__reference_source="cache", guard__weight=1.0, train_batch_size=2)
+    kw = dict(REF_ON, guard__reference_source="cache", guard__penalty="score", guard__weight=1.0, train_batch_size=2)
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
            str(REPO / "train" / "train.py"), *h.base_argv(tiny_sd_eps, dup_data, out, steps=2, **kw)]

@@ -77,7 +77,7 @@ def lora_weights(out: Path) -> dict:
 
 # the absolute penalty (reference none, no gate): its gradient on every step; the defaults are in tests/guards/test_gate.py
 PENALTY_ON = dict(guard__type="penalty", guard__reference="none", guard__gate=False, guard__every_n_steps=1,
-                  guard__weight=1.0, guard__tau=0.0,
+                  guard__penalty="score", guard__weight=1.0, guard__tau=0.0,
                   guard__zscore="none", guard__tau_ema=0.5, guard__calibration_prompts=4,
                   guard__calibration_seeds=1)
 

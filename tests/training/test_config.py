@@ -74,9 +74,10 @@ def test_static_contradictions_fail():
         load_config(["--config", TINY, "--train_data_dir", "none"])
     with pytest.raises(ConfigError, match="guard.grad_through"):
         load_config(["--config", TINY, "--guard.grad_through", "uncond"])
-    with pytest.raises(ConfigError, match="guard.max_force"):
-        load_config(["--config", TINY, "--guard.max_force", "0"])
-    assert load_config(["--config", TINY, "--guard.max_force", "2.5"]).guard.max_force == 2.5
+    for bad in ("0", "2.5"):   # (0, 1]: the score penalty's force at most the denoising loss's
+        with pytest.raises(ConfigError, match="guard.max_force"):
+            load_config(["--config", TINY, "--guard.max_force", bad])
+    assert load_config(["--config", TINY, "--guard.max_force", "0.5"]).guard.max_force == 0.5
 
 
 def test_saved_config_round_trips(tmp_path):

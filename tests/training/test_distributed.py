@@ -35,7 +35,8 @@ def test_two_process_cpu_run_with_penalty(tiny_sd_eps, tiny_data, tmp_path):
     out = tmp_path / "ddp"
     t0 = time.time()
     proc = _launch_two(29517, base_argv(tiny_sd_eps, tiny_data, out, steps=4, train_batch_size=2, checkpointing_steps=2,
-                                        guard__type="penalty", guard__weight=0.1, guard__every_n_steps=2,
+                                        guard__type="penalty", guard__penalty="score", guard__weight=0.1,
+                                        guard__every_n_steps=2,
                                         guard__population_min=1, guard__calibration_prompts=4,
                                         guard__calibration_seeds=1))
     elapsed = time.time() - t0

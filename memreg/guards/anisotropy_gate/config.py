@@ -10,6 +10,7 @@ from typing import Union
 
 from memreg.config_schema import ConfigError, choice
 
+PENALTIES = ("anchor", "score")   # weight > 0: flagged rows pulled toward the base (.anchor), or the score's hinge
 MODES = ("hinge", "mean")
 PROBE_SIGNALS = ("combined", "norm", "align")   # what a probe's value is: g1*norm + g2*align, g1*norm, g2*align
 ZSCORES = ("none", "calib", "batch")
@@ -49,6 +50,37 @@ def check_reference(reference: str, source: str = "auto") -> None:
     choice(source, SOURCES, "guard.reference_source")
 
 
+MAX_ANCHOR_WEIGHT = 1.0   # a flagged row's anchor weighs at most what an ordinary row's denoising loss weighs
+MAX_FORCE_LIMIT = 1.0     # the score penalty's push on the probes at most the denoising loss's pull on the batch
+
+
+def check_penalty(penalty: str, weight: float, max_force: float | None, gate: bool) -> None:
+    """The rule on ``guard.penalty``, ``guard.weight`` and ``guard.max_force``: the penalty's damage is
+    bounded at every accepted weight. ``anchor``: weight in [0, 1] and the gate on (its flags name the
+    rows); ``score``: its gradient capped (``max_force`` in (0, 1]): uncapped, a firing probe's
+    gradient at the UNet output was 22-74x the denoising loss's and weight 0.3 left the held-out
+    loss at 3.7-9.4x the plain run's (README, "The penalty's weight")."""
+    choice(penalty, PENALTIES, "guard.penalty")
+    if weight < 0:
+        raise ConfigError(f"guard.weight={weight} must be >= 0")
+    if max_force is not None and not 0.0 < max_force <= MAX_FORCE_LIMIT:
+        raise ConfigError(f"guard.max_force={max_force} must be in (0, {MAX_FORCE_LIMIT:g}] (or null with "
+                          "guard.penalty: anchor)")
+    if weight == 0:
+        return
+    if penalty == "anchor":
+        if weight > MAX_ANCHOR_WEIGHT:
+            raise ConfigError(f"guard.weight={weight} must be in [0, {MAX_ANCHOR_WEIGHT:g}] with guard.penalty: "
+                              f"anchor (at {MAX_ANCHOR_WEIGHT:g} a flagged row counts as much as an ordinary row; "
+                              "above it the base's predictions would outweigh the training data)")
+        if not gate:
+            raise ConfigError("guard.penalty: anchor needs guard.gate: true (the gate's flags name the rows it pulls "
+                              "toward the base model)")
+    elif max_force is None:
+        raise ConfigError("guard.penalty: score with guard.weight > 0 needs guard.max_force (in (0, 1]): uncapped, "
+                          "its gradient can be tens of times the denoising loss's")
+
+
 def check_gate_weight(weight: float) -> None:
     """A flagged caption's weight must stay below 1: at 1 the gate would change nothing."""
     if not 0.0 <= weight < 1.0:
@@ -66,10 +98,14 @@ def resolve_signal(term: str, reference: str) -> str:
 @dataclass
 class AnisotropyGateConfig:
     """Top-level ``guard.*`` keys. By default the probes only decide (``weight: 0``): a caption whose
-    probe fires leaves the denoising loss (the gate); ``weight > 0`` also adds the hinge penalty."""
+    probe fires leaves the denoising loss (the gate); ``weight > 0`` also adds the penalty
+    (``penalty: anchor``: the flagged rows come back with the base model's predictions as targets)."""
 
-    mode: str = "hinge"                   # hinge: mean(relu(s - tau)); mean: mean(s)
-    weight: float = 0.0                   # lambda of the penalty; 0: the probes only feed the gate
+    penalty: str = "anchor"               # what weight > 0 adds: anchor (flagged rows pulled toward the base
+                                          # model's predictions, .anchor) or score (the hinge on the probe score)
+    weight: float = 0.0                   # anchor: a flagged row's weight in [0, 1]; score: the hinge's lambda;
+                                          # 0: no penalty, the probes only feed the gate
+    mode: str = "hinge"                   # score: hinge: mean(relu(s - tau)); mean: mean(s)
     tau: Union[float, str] = "auto"       # float (raw score units) or "auto"
     tau_quantile: float = 0.95            # q of tau: auto (upper tail of ordinary captions)
     tau_ema: float = 0.0                  # > 0: tau <- (1-b) tau + b * q-quantile of each step's probes
@@ -80,8 +116,8 @@ class AnisotropyGateConfig:
     term: str = "auto"                    # combined: g1*norm + g2*align; norm: g1*norm; align: g2*align (half the
                                           # probes); auto: combined with reference none, norm with the others
     zscore: str = "calib"                 # none | calib (divide by calibration std) | batch (z over the step's probes)
-    max_force: Union[float, None] = None  # cap on a firing step's penalty gradient at the UNet output, as a
-                                          # multiple of the denoising loss's; None: no cap
+    max_force: Union[float, None] = 1.0   # score: cap on a firing step's penalty gradient at the UNet output,
+                                          # as a multiple of the denoising loss's, in (0, 1]
     grad_through: str = "both"            # both: the score's gradient flows through eps(c) and eps(empty); cond:
                                           # eps(empty), shared by every caption, is detached
     tau_z: float = 1.645                  # hinge threshold in z units for zscore: batch
@@ -137,13 +173,10 @@ class AnisotropyGateConfig:
             raise ConfigError(f"guard.tau_ema={self.tau_ema} must be in [0, 1)")
         if isinstance(self.probe_checkpointing, str) and self.probe_checkpointing != "auto":
             raise ConfigError(f"guard.probe_checkpointing={self.probe_checkpointing!r} must be true, false or 'auto'")
-        if self.weight < 0:
-            raise ConfigError(f"guard.weight={self.weight} must be >= 0")
+        check_penalty(self.penalty, self.weight, self.max_force, self.gate)
         choice(self.grad_through, GRAD_THROUGH, "guard.grad_through")
         check_gate_weight(self.gate_weight)
         choice(self.gate_key, GATE_KEYS, "guard.gate_key")
-        if self.max_force is not None and not self.max_force > 0:
-            raise ConfigError(f"guard.max_force={self.max_force} must be > 0 (or null: no cap)")
         if self.calibration_prompts < 1 or self.calibration_seeds < 1:
             raise ConfigError("guard.calibration_prompts and guard.calibration_seeds must be >= 1")
 
@@ -162,6 +195,17 @@ class AnisotropyGateConfig:
         if self.reference != "none" and self.tau_ema > 0:
             raise ConfigError("guard.tau_ema applies to guard.reference: none only (the reference modes use "
                               "guard.population_* instead)")
+
+    @property
+    def anchored(self) -> bool:
+        """The anchor penalty is on (flagged rows pulled toward the base model)."""
+        return self.penalty == "anchor" and self.weight > 0
+
+    @property
+    def needs_base_model(self) -> bool:
+        """Whether the guard runs the base model beside the trained one (the anchor's targets, or base
+        values by forward): full fine-tuning must then keep a frozen copy of the base UNet."""
+        return self.anchored or (uses_base(self.reference) and self.reference_source == "forward")
 
     @property
     def signal(self) -> str:

@@ -5,7 +5,9 @@ value on pure noise, read from the same UNet forward as the denoising batch. The
 (:mod:`.threshold`: an absolute tau, or a per-caption reference, :mod:`.reference`) says which probes
 are over it; the caption gate (:mod:`.gate`) takes a caption whose probe fired out of the denoising
 loss of this and every later batch. By default (``weight: 0``) that is all: the probes run in a
-no-grad forward and only decide. A weight above 0 adds the penalty (:mod:`.loss`), whose gradient
+no-grad forward and only decide. A weight above 0 adds a penalty: ``penalty: anchor`` (:mod:`.anchor`)
+brings the flagged rows back with the base model's predictions as their targets, bounded at every
+accepted weight; ``penalty: score`` (:mod:`.loss`) adds the hinge on the probe score, whose gradient
 pushes the probed value back under the threshold and so also hides the caption from the gate.
 :mod:`.counters` logs how selective the firing and the gating are.
 """
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from memreg import log_tags as tags
+from memreg.guards.anisotropy_gate.anchor import anchor_per_sample, anchored_mean, base_predictions
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
 from memreg.guards.anisotropy_gate.counters import SelectivityCounters, probe_logs
 from memreg.guards.anisotropy_gate.gate import CaptionGate, caption_keys
@@ -47,7 +50,8 @@ class AnisotropyGateGuard(Guard):
     forward, one backward; the only way under DDP), ``"separate"`` (a second forward; single process,
     ``guard.fused_forward: false``) or ``"measure"`` (weight 0: a no-grad forward of the unwrapped
     UNet in :meth:`extra_inputs`, before the denoising forward, so the probes decide but add no
-    gradient, cost no backward and add nothing to the step's memory peak).
+    gradient, cost no backward and add nothing to the step's memory peak; the anchor penalty too,
+    whose gradient flows through the flagged training rows instead).
     """
 
     name = "anisotropy_gate"
@@ -57,10 +61,19 @@ class AnisotropyGateGuard(Guard):
     def __init__(self, ctx: GuardContext, probes: ProbeSampler, calibrator: Calibrator, threshold: Threshold,
                  mode: str = "hinge", weight: float = 0.0, fused: bool = True,
                  probe_checkpointing: Union[bool, str] = "auto", max_force: float | None = None,
-                 gate: CaptionGate | None = None):
+                 gate: CaptionGate | None = None, penalty: str = "score"):
         super().__init__(ctx)
         self.probes, self.calibrator, self.threshold = probes, calibrator, threshold
-        self.mode, self.weight, self.max_force = mode, float(weight), max_force
+        if penalty == "anchor" and weight > 0:
+            if gate is None:
+                raise ValueError("the anchor penalty needs the gate (its flags name the rows)")
+            if ctx.reference is None and not getattr(ctx.unet, "peft_config", None):
+                raise ValueError("the anchor penalty needs the base model: LoRA adapters on the UNet, or a frozen copy "
+                                 "of the base UNet as GuardContext.reference (full fine-tuning)")
+        self.penalty = penalty
+        self.anchor_weight = float(weight) if penalty == "anchor" else 0.0
+        self.mode, self.weight = mode, float(weight) if penalty == "score" else 0.0
+        self.max_force = max_force if self.weight > 0 else None
         self.gate = gate                  # None: the denoising loss is the plain batch mean
         self.counters = SelectivityCounters(ctx.gather, gate=gate is not None)
         self.probe_forward = self._probe_forward(fused)
@@ -73,6 +86,8 @@ class AnisotropyGateGuard(Guard):
         self.final_report: dict | None = None
         self._steps_logged = 0
         self._warned_no_items = False
+        # this step's micro-batches: (sum of anchor terms, anchored rows, rows, the anchor's change of the loss)
+        self._anchor: list[tuple[float, int, int, float]] = []
 
     @classmethod
     def from_config(cls, cfg: AnisotropyGateConfig, ctx: GuardContext) -> "AnisotropyGateGuard":
@@ -82,7 +97,8 @@ class AnisotropyGateGuard(Guard):
         return cls(ctx, ProbeSampler.from_config(cfg, scorer, ctx.seed, ctx.process_index, ctx.batch_size), calibrator,
                    build_threshold(cfg, ctx, calibrator), mode=cfg.mode, weight=cfg.weight, fused=cfg.fused_forward,
                    probe_checkpointing=cfg.probe_checkpointing, max_force=cfg.max_force,
-                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release, cfg.gate_key) if cfg.gate else None)
+                   gate=CaptionGate(cfg.gate_weight, cfg.gate_release, cfg.gate_key) if cfg.gate else None,
+                   penalty=cfg.penalty)
 
     def _probe_forward(self, fused: bool) -> str:
         if self.weight == 0:
@@ -101,9 +117,11 @@ class AnisotropyGateGuard(Guard):
 
     def describe(self) -> str:
         p = self.probes
+        act = (f"; flagged rows anchored to the base model at weight {self.anchor_weight:g}" if self.anchor_weight
+               else f"; score penalty at weight {self.weight:g}" if self.weight else "")
         return (f"penalty: {p.probe_samples} probe samples per active step {PROBE_FORWARDS[self.probe_forward]}; "
                 f"every {p.every_n_steps} steps from step {p.warmup_steps}; term {p.signal}{self.threshold.describe()}"
-                + ("; activation checkpointing on probe steps" if self.probe_checkpointing else ""))
+                + act + ("; activation checkpointing on probe steps" if self.probe_checkpointing else ""))
 
     def _score_calibration_draws(self) -> tuple[Tensor, Tensor]:
         ctx = self.ctx
@@ -177,8 +195,8 @@ class AnisotropyGateGuard(Guard):
             result = self._evaluate(probe_out, probe)
             if self.gate is not None:   # this step's verdicts act on this very batch
                 self.gate.update(result.keys.cpu(), self.ctx.gather(result.over.to(torch.uint8)).cpu())
-        loss = self._denoising_loss(batch)
-        res = GuardLoss(loss=loss, loss_mse=loss.detach())
+        loss, mse = self._denoising_loss(batch)
+        res = GuardLoss(loss=loss, loss_mse=mse)
         if result is None:
             return res
         if self.max_force is not None:
@@ -203,19 +221,42 @@ class AnisotropyGateGuard(Guard):
             result.duplicated = self.ctx.is_duplicated(probe.captions).to(result.values.device)
         return result
 
-    def _denoising_loss(self, batch: GuardBatch) -> Tensor:
-        """The batch mean, or with the gate the weighted mean that leaves flagged rows out."""
+    def _denoising_loss(self, batch: GuardBatch) -> tuple[Tensor, Tensor]:
+        """(loss, its denoising part, detached): the batch mean, or with the gate the weighted mean
+        that leaves flagged rows out; with the anchor the flagged rows come back with the base
+        model's predictions as targets (:func:`~memreg.guards.anisotropy_gate.anchor.anchored_mean`)."""
         if self.gate is None:
-            return batch.per_sample.mean()
+            loss = batch.per_sample.mean()
+            return loss, loss.detach()
         caps = batch.captions
         if caps is None or len(caps) != batch.per_sample.shape[0]:
             raise RuntimeError("guard.gate needs the batch captions: pass GuardBatch(..., captions=captions)")
-        w = self.gate.weights(self._row_keys(caps, batch.items, batch.sources))
+        keys = self._row_keys(caps, batch.items, batch.sources)
+        w = self.gate.weights(keys)
         # duplicated rows by their dataset wording: an augmented or blanked caption is still its image's row
         self.counters.record_gated(w, self.ctx.is_duplicated(batch.sources if batch.sources is not None else caps))
-        return self.gate.weighted_mean(batch.per_sample, w)
+        gated = self.gate.weighted_mean(batch.per_sample, w)
+        rows = self.gate.is_flagged(keys).nonzero().flatten() if self.anchor_weight else None
+        if rows is None:
+            return gated, gated.detach()
+        if rows.numel() == 0:
+            self._anchor.append((0.0, 0, batch.per_sample.shape[0], 0.0))
+            return gated, gated.detach()
+        rows = rows.to(batch.model_pred.device)
+        base = base_predictions(self.ctx, batch.noisy, batch.timesteps, batch.embeds, rows)
+        anchor = anchor_per_sample(batch.model_pred[rows], base)
+        loss = anchored_mean(batch.per_sample, w, anchor, rows, self.anchor_weight)
+        self._anchor.append((float(anchor.detach().sum()), rows.numel(), batch.per_sample.shape[0],
+                             float(loss.detach() - gated.detach())))
+        return loss, gated.detach()
 
     def step_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        out = self._probe_step_logs(logs)
+        if self.anchor_weight:   # after the probes' logs: the anchor is what this step's penalty added
+            out.update(self._anchor_logs(logs))
+        return out
+
+    def _probe_step_logs(self, logs: dict[str, float]) -> dict[str, float]:
         cal, outs, self._outs = self.calibrator, self._outs, []
         out = {tags.GUARD_TAU: float(cal.tau) if cal.tau is not None else math.nan}
         out.update(self.counters.gate_logs(len(self.gate.flagged) if self.gate is not None else 0))
@@ -242,6 +283,18 @@ class AnisotropyGateGuard(Guard):
                         "conditioning ratio %.3f", self._steps_logged, thr, 100 * out[tags.GUARD_FRAC_OVER_TAU],
                         out[tags.GUARD_PROBE_SCORE_MEAN], ratio)
         return out
+
+    def _anchor_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """This step's anchor over every process (each calls this on every step, so the collective
+        matches): the mean term of the anchored rows, their share of the rows, and what it added to
+        the loss (``weighted_penalty``; ``train/loss`` = the denoising part + it)."""
+        parts, self._anchor = self._anchor, []
+        t = torch.tensor([sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                          sum(p[3] for p in parts), len(parts)], dtype=torch.float64)
+        total, rows, seen, added, micro = (float(x) for x in self.ctx.reduce_sum(t).cpu())
+        added = added / micro if micro else 0.0
+        return {tags.GUARD_ANCHOR: total / rows if rows else 0.0, tags.GUARD_ANCHOR_ROWS: rows / seen if seen else 0.0,
+                tags.GUARD_WEIGHTED_PENALTY: added, tags.TRAIN_LOSS: logs[tags.TRAIN_LOSS_MSE] + added}
 
     def finish(self) -> dict[str, float]:
         """Re-score the calibration draws (same captions and noise) with the trained model."""
