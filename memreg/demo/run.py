@@ -467,7 +467,8 @@ def targets(results: dict) -> list[dict]:
     if results.get("mitigation_none"):
         rows += mitigation_targets(results["mitigation_none"])
     rows += attack_targets_of(runs)
-    rows.append(("make demo wall time <= 25 min", results["wall_s"] / 60, results["wall_s"] <= 25 * 60))
+    if not results.get("study"):   # a study is not the demo: its wall time answers nothing
+        rows.append(("make demo wall time <= 25 min", results["wall_s"] / 60, results["wall_s"] <= 25 * 60))
     return [{"target": t, "value": float(v), "pass": bool(ok)} for t, v, ok in rows]
 
 

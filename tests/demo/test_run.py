@@ -241,6 +241,9 @@ def test_curve_targets_by_hand():
             "penalty@0.5": _curve_run(0.11, 0.00, 1.12, 0.80, weight=0.5, hi=0.2),
             "penalty@1": _curve_run(0.25, 0.00, 1.05, 0.95, weight=1.0)}
     got = {t: ok for t, _, ok in curve_targets(runs, "studio")}
+    names = [t["target"] for t in targets({"runs": runs, "detection_none": {}, "wall_s": 60, "study": "penalty_curve",
+                                           "settings": {"studies": {"penalty_curve": {"key": "guard.weight"}}}})]
+    assert "penalty@1 (weight 1) adherence >= 0.90x none's" in names and not any("wall time" in n for n in names)
     assert got["penalty (weight 0) held-out loss <= 1.10x none's"] is True
     assert got["penalty@0.5 (weight 0.5) held-out loss <= 1.10x none's"] is False     # 1.12
     assert got["penalty@0.5 (weight 0.5) adherence >= 0.90x none's"] is False         # 0.80 / 0.9 = 0.89
