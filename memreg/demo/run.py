@@ -149,19 +149,18 @@ def study_settings(settings: dict, study: str) -> dict:
     key, only = spec["key"], spec.get("runs")
     cast = float if key == "guard.weight" else str
     out = copy.deepcopy(settings)
-    kinds = {n: guard_spec(run_overrides(settings, n)["guard.type"]).name for n in settings["runs"]}
-    guarded = [n for n, k in kinds.items() if k == "anisotropy_gate" and (only is None or n in only)]
-    modes = {n: {"mode": run_overrides(settings, n).get("mode", "lora")} for n in settings["runs"]}
-    plains = {plain_run_of(modes, n) for n in guarded}
+    overs = {n: run_overrides(settings, n) for n in settings["runs"]}
+    guarded = [n for n, o in overs.items()
+               if guard_spec(o["guard.type"]).name == "anisotropy_gate" and (only is None or n in only)]
+    plains = {plain_run_of({n: {"mode": o.get("mode", "lora")} for n, o in overs.items()}, n) for n in guarded}
     runs = {}
     for name, run in settings["runs"].items():
         if name in plains or name in guarded:
             runs[name] = run
         if name in guarded:
-            over = run_overrides(settings, name)
             for v in spec["values"]:
                 runs[f"{name}@{cast(v):g}" if cast is float else f"{name}@{v}"] = {
-                    **(run or {}), "guard.type": over["guard.type"], key: cast(v)}
+                    **(run or {}), "guard.type": overs[name]["guard.type"], key: cast(v)}
     out["runs"] = runs
     out["attack"] = {**out["attack"], "runs": []}
     out["mitigation"] = None
@@ -477,21 +476,22 @@ def _fmt_rate(r: dict) -> str:
     return f"{r['rate']:.2f} [{lo:.2f},{hi:.2f}]"
 
 
+def _group_rates(report: dict, kind: str) -> str:
+    """``duplicated/ordinary`` of a guard's run totals (``fire_rate``, ``gate_rate``); ``-`` when not logged."""
+    v = [report.get(f"{kind}_{g}") for g in tags.FIRE_GROUPS]
+    return "-" if any(x is None for x in v) else "/".join(f"{x:.3f}" for x in v)
+
+
 def _runs_table(runs: dict, labels: tuple[str, str]) -> list[str]:
     head = ["run", "mode", f"copy {labels[0]} [95% CI]", f"copy {labels[1]} [95% CI]", "held-out copy",
             "held-out loss", "adherence", "cond ratio", "step time x", "train s", "fired dup/ord", "gated dup/ord"]
     rows = []
     for name, r in runs.items():
         rep = r.get("final_guard_report") or {}
-
-        def pair(kind: str) -> str:
-            v = [rep.get(f"{kind}_{g}") for g in tags.FIRE_GROUPS]
-            return "-" if any(x is None for x in v) else "/".join(f"{x:.3f}" for x in v)
-
         rows.append([name, r["mode"], _fmt_rate(r["copy_exact"]), _fmt_rate(r["copy_paraphrase"]),
                      f"{r['heldout_copy']['rate']:.2f}", f"{r['heldout_loss']:.4f}", f"{r['adherence']:.3f}",
-                     f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}", pair("fire_rate"),
-                     pair("gate_rate")])
+                     f"{r['cond_ratio']:.2f}", f"{r['step_time_ratio']:.2f}", f"{r['train_s']:.0f}",
+                     _group_rates(rep, "fire_rate"), _group_rates(rep, "gate_rate")])
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     return [line(head), line(["-" * x for x in w])] + [line(r) for r in rows]
