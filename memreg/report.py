@@ -124,15 +124,17 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def name_runs(runs: list[RunData]) -> None:
-    """Give each run a display name: its directory name, or its last two path parts where those clash,
-    numbered where still equal (the same directory twice)."""
-    names = [r.path.resolve().name or str(r.path) for r in runs]
+    """Give each run a display name: its directory name, or where those clash the fewest trailing path
+    parts that tell the clashing runs apart (``a/runs/none``, ``b/runs/none`` -> ``a/runs/none``,
+    ``b/runs/none``; ``x/none``, ``y/none`` -> ``x/none``, ``y/none``), numbered where still equal (the
+    same directory twice)."""
+    parts = [r.path.resolve().parts or (str(r.path),) for r in runs]
     for i, r in enumerate(runs):
-        if names.count(names[i]) > 1:
-            parts = r.path.resolve().parts
-            r.name = "/".join(parts[-2:]) if len(parts) >= 2 else str(r.path)
-        else:
-            r.name = names[i]
+        others = {p for p in parts if p[-1:] == parts[i][-1:] and p != parts[i]}
+        k = 1
+        while k < len(parts[i]) and any(p[-k:] == parts[i][-k:] for p in others):
+            k += 1
+        r.name = "/".join(parts[i][-k:]) or str(r.path)
     seen: dict[str, int] = {}
     for r in runs:  # still equal (same dir twice): number them
         if r.name in seen:

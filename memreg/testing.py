@@ -99,6 +99,27 @@ def write_tiny_clip_tokenizer(out_dir: str | Path, num_merges: int = 400):
     return tokenizer
 
 
+def tiny_unet(sample_size: int = 16, cross_attention_dim: int = 32, unet_channels: tuple[int, ...] = (32, 64),
+              attention_levels: int = 1, attention_head_dim: int = 8, linear_projection: bool = False
+              ) -> UNet2DConditionModel:
+    """The tiny pipeline's UNet (random weights): one level per ``unet_channels`` entry, cross-attention
+    on the ``attention_levels`` lowest-resolution levels."""
+    plain = len(unet_channels) - attention_levels
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attention_levels,
+        up_block_types=("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * plain,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=16,
+        use_linear_projection=linear_projection,
+    )
+
+
 def build_tiny_sd(
     out_dir: str | Path,
     prediction_type: str = "epsilon",
@@ -125,20 +146,8 @@ def build_tiny_sd(
     tokenizer = write_tiny_clip_tokenizer(tok_dir.name)
     vae_levels = 2 if vae_downsample else 1
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=tuple(unet_channels),
-        down_block_types=("DownBlock2D",) * (len(unet_channels) - attention_levels)
-        + ("CrossAttnDownBlock2D",) * attention_levels,
-        up_block_types=("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (len(unet_channels) - attention_levels),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-        use_linear_projection=prediction_type == "v_prediction",
-    )
+    unet = tiny_unet(sample_size, cross_attention_dim, unet_channels, attention_levels,
+                     linear_projection=prediction_type == "v_prediction")
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -246,3 +246,12 @@ def test_copy_check_logged_once_is_bars_and_logged_often_is_a_step_series(tmp_pa
     assert not recorded["lines"]
     report.build_report([report.load_run(often)], tmp_path / "b.html")
     assert [lbl for _, lbl, _ in recorded["lines"]] == ["often"] and len(recorded["bars"]) == 1
+
+
+def test_runs_with_one_directory_name_are_named_by_the_fewest_path_parts_that_tell_them_apart(tmp_path):
+    paths = [tmp_path / "demo" / "runs" / "none", tmp_path / "demo" / "web" / "runs" / "none",
+             tmp_path / "x" / "penalty", tmp_path / "y" / "penalty", tmp_path / "lora"]
+    runs = [report.RunData(p) for p in paths] + [report.RunData(paths[-1])]   # the same directory twice
+    report.name_runs(runs)
+    assert [r.name for r in runs] == ["demo/runs/none", "web/runs/none", "x/penalty", "y/penalty", "lora",
+                                      "lora (2)"]

@@ -245,16 +245,19 @@ def search_radius(threshold: int, coloured: bool) -> int:
     return int(threshold) + (HASH_MARGIN if coloured else 0)
 
 
+def _both_ways(a: np.ndarray, b: np.ndarray, query: tuple[int, ...], index: tuple[int, ...]):
+    """The two (query views of one, index views of the other) pairs of codes ``a``, ``b`` (..., V, B),
+    shaped (..., Q, 1, B) and (..., 1, I, B) so that they broadcast to every view pair."""
+    for x, y in ((a, b), (b, a)):
+        yield x[..., list(query), None, :], y[..., None, list(index), :]
+
+
 def view_distance(a: np.ndarray, b: np.ndarray, query: tuple[int, ...] = QUERY_VIEWS,
                   index: tuple[int, ...] = INDEX_VIEWS) -> np.ndarray:
     """The smallest *hash* distance of a query view of one of ``a``, ``b`` (..., V, B) to an index
     view of the other (broadcasts over ``...``); the colour part, if any, is left out."""
-    a, b = np.asarray(a), np.asarray(b)
-    if has_colour(a):
-        a, b = a[..., :HASH_BYTES], b[..., :HASH_BYTES]
-    qa, ib = a[..., list(query), None, :], b[..., None, list(index), :]
-    qb, ia = b[..., list(query), None, :], a[..., None, list(index), :]
-    return np.minimum(hamming(qa, ib).min(axis=(-2, -1)), hamming(qb, ia).min(axis=(-2, -1)))
+    a, b = np.asarray(a)[..., :HASH_BYTES], np.asarray(b)[..., :HASH_BYTES]
+    return np.minimum(*(hamming(q, i).min(axis=(-2, -1)) for q, i in _both_ways(a, b, query, index)))
 
 
 def view_match(a: np.ndarray, b: np.ndarray, threshold: int = DEFAULT_THRESHOLD,
@@ -265,15 +268,13 @@ def view_match(a: np.ndarray, b: np.ndarray, threshold: int = DEFAULT_THRESHOLD,
     a, b = np.asarray(a), np.asarray(b)
     if not has_colour(a):
         return view_distance(a, b, query, index) <= threshold
-    out = None
-    for x, y in ((a, b), (b, a)):
-        qx, iy = x[..., list(query), None, :], y[..., None, list(index), :]
-        h = hamming(qx[..., :HASH_BYTES], iy[..., :HASH_BYTES])
-        c = colour_distance(qx[..., HASH_BYTES:], iy[..., HASH_BYTES:])
-        lum = luma_distance(qx[..., HASH_BYTES:], iy[..., HASH_BYTES:])
-        hit = near_match(h, c, lum, threshold).any(axis=(-2, -1))
-        out = hit if out is None else out | hit
-    return out
+    hits = []
+    for q, i in _both_ways(a, b, query, index):
+        h = hamming(q[..., :HASH_BYTES], i[..., :HASH_BYTES])
+        c = colour_distance(q[..., HASH_BYTES:], i[..., HASH_BYTES:])
+        lum = luma_distance(q[..., HASH_BYTES:], i[..., HASH_BYTES:])
+        hits.append(near_match(h, c, lum, threshold).any(axis=(-2, -1)))
+    return hits[0] | hits[1]
 
 
 # ----------------------------------------------------------------------------- search

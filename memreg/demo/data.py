@@ -93,6 +93,11 @@ class WorldConfig:
     n_distractors: int = 2         # small unnamed shapes
 
 
+WEB_GENERATOR = 2
+"""The web world's generator version, part of its data cache key: bump it when the web rows or wordings
+written for the same settings change (a cached world of the old rule is then rebuilt, not reused)."""
+
+
 @dataclass
 class WebConfig:
     """How the ``web`` world reaches each memorized photo (see the module docstring)."""

@@ -44,7 +44,7 @@ from PIL import Image
 from memreg import log_tags as tags
 from memreg.copy_detect import build_copy_detector
 from memreg.demo.attack import AttackEvalSettings, attack_targets_of, evaluate_attack, format_attack
-from memreg.demo.data import DemoDataConfig, build_demo_dataset, pretrain_rows
+from memreg.demo.data import WEB_GENERATOR, DemoDataConfig, build_demo_dataset, pretrain_rows
 from memreg.demo.evaluate import FinalEvalSettings, evaluate_model, training_wordings
 from memreg.demo.mitigation import MitigationEvalSettings, evaluate_mitigation, format_mitigation, mitigation_targets
 from memreg.demo.tradeoff import plot_tradeoff
@@ -175,10 +175,13 @@ def worlds_of(settings: dict) -> list[str]:
 
 
 def _data_fields(cfg: DemoDataConfig) -> dict:
-    """The data config's cache key fields (``web`` only when set, so the first world's key is unchanged)."""
+    """The data config's cache key fields: ``web`` and the web generator's version only when set, so the
+    first world's key is unchanged."""
     fields_ = asdict(cfg)
     if fields_.get("web") is None:
         fields_.pop("web", None)
+    else:
+        fields_["web_generator"] = WEB_GENERATOR
     return fields_
 
 
@@ -412,11 +415,11 @@ def _world_targets(runs: dict, detection: dict, world: str) -> list[tuple]:
         if name in runs:
             v = runs[name]["copy_exact"]["rate"]
             rows.append((f"{prefix}{name} memorizes: copy rate ({labels[0]}) >= {floor}", v, v >= floor))
-    auc = detection.get("score")
-    auc = float("nan") if auc is None else auc
-    rows.append((f"{prefix}detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs "
-                 "held-out >= 0.95", auc, auc >= 0.95))
-    if "none" in runs:
+    if "none" in runs:   # a study of LoRA runs alone has no full plain run to check
+        auc = detection.get("score")
+        auc = float("nan") if auc is None else auc
+        rows.append((f"{prefix}detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs "
+                     "held-out >= 0.95", auc, auc >= 0.95))
         v = runs["none"]["adherence"]
         rows.append((f"{prefix}none follows held-out captions: adherence >= 0.8", v, v >= 0.8))
     baselines = [b for b in BASELINES if b in runs]
@@ -715,14 +718,18 @@ def run_demo(config: str | Path, out: str | Path, quick: bool = False, cache_dir
                           "detection_none": web["none"]["detection"] if "none" in web else {}}
     report = out / "report.html"
     figures = []
-    colors = run_colors([f"{w}/{g}" for w in worlds for g in all_runs[w]])   # the report's run order, below
+    shown = {(w, g): f"{w}/{g}" if len(worlds) > 1 else g for w in worlds for g in all_runs[w]}   # report names
+    colors = run_colors(list(shown.values()))   # the report's run order, below
     for w, (_, o) in worlds.items():
         png = plot_tradeoff(all_runs[w], o / "tradeoff.png", labels=COPY_LABELS[w],
-                            colors={g: colors[f"{w}/{g}"] for g in all_runs[w]})
+                            colors={g: colors[shown[w, g]] for g in all_runs[w]})
         figures.append((png, f"Copy rate vs held-out loss ({w} world)", "every run of the world; penalty runs joined "
                         "by weight; ring = Pareto-optimal among runs of the same mode; lower-left is better"))
-    build_report([load_run(o / "runs" / g) for w, (_, o) in worlds.items() for g in all_runs[w]], report,
-                 title="memreg demo", extra_figures=figures)
+    loaded = []
+    for (w, g), name in shown.items():
+        loaded.append(load_run(worlds[w][1] / "runs" / g))
+        loaded[-1].name = name
+    build_report(loaded, report, title="memreg demo", extra_figures=figures)
     results["wall_s"] = time.perf_counter() - t_start
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -28,7 +28,6 @@ from memreg.guards.registry import guard_spec
 from memreg.report import run_colors
 
 COPY_KEYS = ("copy_exact", "copy_paraphrase")
-COPY_LABELS = ("exact captions", "paraphrased captions")   # what the two copy rates ask with (the default)
 MARKERS = {"full": "o", "lora": "s"}   # training mode -> marker shape; other modes: OTHER_MARKER
 OTHER_MARKER = "D"
 OFF_SCALE_MARKER = ">"
@@ -142,9 +141,9 @@ def _legend_handles(runs: dict) -> tuple[list, list[str]]:
     return handles, labels
 
 
-def plot_tradeoff(runs: dict, path: Path, labels: tuple[str, str] = COPY_LABELS,
-                  colors: dict[str, str] | None = None) -> Path:
-    """Two panels (``labels``: exact, paraphrased captions by default): copy rate with 95% CI vs
+def plot_tradeoff(runs: dict, path: Path, labels: tuple[str, str], colors: dict[str, str] | None = None) -> Path:
+    """Two panels (``labels``: what the two copy rates ask with, the world's ``memreg.demo.run.COPY_LABELS``):
+    copy rate with 95% CI vs
     held-out loss per run; PNG at ``path``. ``colors``: run name -> colour (default: the report's
     colours for these runs in this order)."""
     if not runs:

@@ -250,3 +250,12 @@ def test_curve_targets_by_hand():
     assert got["penalty@1 (weight 1) adherence >= 0.90x none's"] is True
     assert got["penalty@0.5 copy rate (exact) <= upper 95% bound of penalty's (0.12)"] is True    # 0.11
     assert got["penalty@1 copy rate (exact) <= upper 95% bound of penalty@0.5's (0.20)"] is False  # 0.25
+
+
+def test_a_study_without_the_full_plain_run_checks_no_detection_and_no_adherence_floor():
+    runs = {"lora_none": _run(0.6, 0.3, 1.0, 0.9, mode="lora"),
+            "lora_penalty": _curve_run(0.0, 0.0, 0.96, 0.92, mode="lora")}
+    names = [t["target"] for t in targets({"runs": runs, "detection_none": {}, "wall_s": 60, "study": "penalty_curve",
+                                           "settings": {"studies": {"penalty_curve": {"key": "guard.weight"}}}})]
+    assert "lora_none memorizes: copy rate (exact) >= 0.3" in names
+    assert not any("detection" in n or "follows held-out" in n for n in names)

@@ -2,7 +2,10 @@
 
 import pytest
 
+from memreg.demo.run import COPY_LABELS
 from memreg.demo.tradeoff import pareto_front, penalty_line, plot_tradeoff
+
+LABELS = COPY_LABELS["studio"]
 
 
 def _rate(r: float, n: int = 16) -> dict:
@@ -61,7 +64,7 @@ def test_penalty_line_sorted_by_weight_per_mode(runs):
 def test_plot_writes_a_two_panel_png(runs, tmp_path):
     from PIL import Image
 
-    path = plot_tradeoff(runs, tmp_path / "sub" / "tradeoff.png")
+    path = plot_tradeoff(runs, tmp_path / "sub" / "tradeoff.png", LABELS)
     assert path == tmp_path / "sub" / "tradeoff.png" and path.stat().st_size > 10_000
     with Image.open(path) as im:
         assert im.format == "PNG"
@@ -73,7 +76,7 @@ def test_plot_writes_a_two_panel_png(runs, tmp_path):
 
 def test_plot_refuses_no_runs(tmp_path):
     with pytest.raises(ValueError, match="no runs"):
-        plot_tradeoff({}, tmp_path / "x.png")
+        plot_tradeoff({}, tmp_path / "x.png", LABELS)
     assert not (tmp_path / "x.png").exists()
 
 
@@ -91,9 +94,9 @@ def test_plot_colours_are_the_reports_and_every_run_needs_one(runs, tmp_path):
 
     assert run_colors(["x", "y"]) == {"x": "#1f77b4", "y": "#ff7f0e"}   # tab10, the report's order
     with pytest.raises(ValueError, match="no colour for run"):
-        plot_tradeoff(runs, tmp_path / "x.png", colors={"none": "#000000"})
+        plot_tradeoff(runs, tmp_path / "x.png", LABELS, colors={"none": "#000000"})
     broken = dict(runs, broken=_run(9.0, 0.0))
-    assert plot_tradeoff(broken, tmp_path / "y.png").stat().st_size > 10_000
+    assert plot_tradeoff(broken, tmp_path / "y.png", LABELS).stat().st_size > 10_000
 
 
 def test_label_lifts_stack_crowded_names_only():

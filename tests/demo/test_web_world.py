@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from memreg.demo import run
 from memreg.demo.data import (DemoDataConfig, WebConfig, build_demo_dataset, load_photo, photo_variant,
                               split_wordings, wordings_of)
 
@@ -103,3 +104,11 @@ def test_variant_kinds_and_bad_knobs():
         WebConfig(list_share=1.5)
     with pytest.raises(ValueError, match="wordings"):
         WebConfig(train_wordings=0)
+
+
+def test_the_web_worlds_cache_key_names_its_generator_and_the_first_worlds_does_not(monkeypatch):
+    studio = CFG.base_world()
+    assert run._data_fields(studio) == {k: v for k, v in asdict(studio).items() if k != "web"}   # key unchanged
+    before = run._key(run._data_fields(CFG))
+    monkeypatch.setattr(run, "WEB_GENERATOR", run.WEB_GENERATOR + 1)
+    assert run._key(run._data_fields(CFG)) != before             # a new generator rebuilds the web world

@@ -1,0 +1,32 @@
+"""Smoke test of scripts/bench_demo_unet.py: shapes parsed by hand, one tiny repetition timed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from memreg.testing import load_script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_demo_unet.py"
+
+
+def test_shapes_are_parsed_and_bad_ones_named():
+    bench = load_script(SCRIPT)
+    assert bench.parse_shape("32,64,64:2") == {"unet_channels": (32, 64, 64), "attention_levels": 2,
+                                                "attention_head_dim": 8}
+    assert bench.parse_shape("32,64:1:32")["attention_head_dim"] == 32
+    for bad in ("32,64", "32,64:3", "a,b:1"):
+        with pytest.raises(SystemExit, match=f"--shapes '{bad}'"):
+            bench.parse_shape(bad)
+
+
+def test_every_shape_gets_a_train_and_a_sample_time(capsys):
+    bench = load_script(SCRIPT)
+    out = bench.main(["--shapes", "32,64:1", "32,64,64:1", "--batches", "2", "--reps", "1", "--steps", "1"])
+    assert list(out) == ["32,64:1", "32,64,64:1"]
+    for metrics in out.values():
+        assert list(metrics) == ["train b2", f"sample b{bench.SAMPLE_BATCH}"]
+        assert all(math.isfinite(v) and v > 0 for v in metrics.values())
+    assert "speed-up against 32,64:1" in capsys.readouterr().out
