@@ -31,16 +31,16 @@ LATENT, TOKENS, TEXT_DIM, SAMPLE_BATCH = 16, 77, 64, 128
 
 
 def parse_shape(text: str) -> dict:
-    """``32,64,64:2[:8]`` -> tiny_unet keyword arguments; a malformed shape exits with its text."""
+    """``32,64,64:2[:8]`` -> tiny_unet keyword arguments; a malformed shape is a ValueError naming it."""
     parts = text.split(":")
     try:
         channels = tuple(int(c) for c in parts[0].split(","))
         levels = int(parts[1])
         head = int(parts[2]) if len(parts) > 2 else 8
     except (IndexError, ValueError):
-        raise SystemExit(f"bench_demo_unet: error: --shapes {text!r}: expected channels:attention_levels[:head_dim]")
+        raise ValueError(f"--shapes {text!r}: expected channels:attention_levels[:head_dim]") from None
     if not 1 <= levels <= len(channels):
-        raise SystemExit(f"bench_demo_unet: error: --shapes {text!r}: attention levels must be 1..{len(channels)}")
+        raise ValueError(f"--shapes {text!r}: attention levels must be 1..{len(channels)}")
     return {"unet_channels": channels, "attention_levels": levels, "attention_head_dim": head}
 
 
@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = {s: parse_shape(s) for s in args.shapes}
+    try:
+        shapes = {s: parse_shape(s) for s in args.shapes}
+    except ValueError as err:
+        ap.error(str(err))   # exit 2, before any model is built
     unets = {}
     for name, kw in shapes.items():
         torch.manual_seed(0)

@@ -18,8 +18,11 @@ def test_shapes_are_parsed_and_bad_ones_named():
                                                 "attention_head_dim": 8}
     assert bench.parse_shape("32,64:1:32")["attention_head_dim"] == 32
     for bad in ("32,64", "32,64:3", "a,b:1"):
-        with pytest.raises(SystemExit, match=f"--shapes '{bad}'"):
+        with pytest.raises(ValueError, match=f"--shapes '{bad}'"):
             bench.parse_shape(bad)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--shapes", "32,64"])
+    assert exit_.value.code == 2
 
 
 def test_every_shape_gets_a_train_and_a_sample_time(capsys):

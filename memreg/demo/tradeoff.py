@@ -142,10 +142,9 @@ def _legend_handles(runs: dict) -> tuple[list, list[str]]:
 
 
 def plot_tradeoff(runs: dict, path: Path, labels: tuple[str, str], colors: dict[str, str] | None = None) -> Path:
-    """Two panels (``labels``: what the two copy rates ask with, the world's ``memreg.demo.run.COPY_LABELS``):
-    copy rate with 95% CI vs
-    held-out loss per run; PNG at ``path``. ``colors``: run name -> colour (default: the report's
-    colours for these runs in this order)."""
+    """Two panels, copy rate with 95% CI vs held-out loss per run; PNG at ``path``. ``labels``: what the
+    two copy rates ask with (the world's ``memreg.demo.run.COPY_LABELS``); ``colors``: run name ->
+    colour (default: the report's colours for these runs in this order)."""
     if not runs:
         raise ValueError("plot_tradeoff: no runs to plot")
     colors = colors or run_colors(list(runs))
