@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from memreg.audit.near_dup import (CODE_BYTES, DEFAULT_THRESHOLD, HASH_BYTES, INDEX_VIEWS, QUERY_VIEWS, VIEWS,
-                                   accepted_candidates, near_pairs, planted_copy, search_radius)
+                                   accepted_candidates, codes_from_hex, near_pairs, planted_copy, search_radius)
 from memreg.training.item_clusters import build_item_index, hash_image
 
 COPY_KINDS = ("jpeg", "crop_centre", "hflip", "brightness")
@@ -65,7 +65,7 @@ def timed(fn):
 def measure_size(paths: list[str], work: Path) -> dict:
     _, exact_s = timed(lambda: [hash_image(p, near=False) for p in paths])
     hashed, near_s = timed(lambda: [hash_image(p, near=True) for p in paths])
-    codes = np.stack([np.frombuffer(bytes.fromhex(v), np.uint8).reshape(len(VIEWS), CODE_BYTES) for _, v in hashed])
+    codes = np.stack([codes_from_hex(v) for _, v in hashed])
     pairs, search_s = timed(lambda: near_pairs(codes, DEFAULT_THRESHOLD))
     cache = work / f"cache-{len(paths)}"
     shutil.rmtree(cache, ignore_errors=True)

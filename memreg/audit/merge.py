@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from memreg.audit.captions import normalize_caption
-from memreg.audit.near_dup import CODE_BYTES, VIEWS, near_pairs
+from memreg.audit.near_dup import CODE_BYTES, VIEWS, codes_from_hex, near_pairs
 from memreg.audit.shards import read_shard
 from memreg.keys import text_key
 from memreg.sharding import shard_ranges
@@ -58,7 +58,7 @@ def read_index(out: Path, num_rows: int, shard_size: int, unreadable_path: Path)
                 if x["error"] is None:
                     idx.ok[i] = True
                     idx.sha[i] = int(x["sha256"][:16], 16)
-                    idx.codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), CODE_BYTES)
+                    idx.codes[i] = codes_from_hex(x["views"])
                 else:
                     idx.unreadable += 1
                     bad.write(f'{{"row": {i}, "name": {_json(x["name"])}, "error": {_json(x["error"])}}}\n')

@@ -166,6 +166,16 @@ def view_codes(image: Image.Image) -> np.ndarray:
     return np.concatenate([np.stack(hashes), np.stack(colours)], axis=1)
 
 
+def codes_hex(image: Image.Image) -> str:
+    """:func:`view_codes` of ``image`` as hex text (how shards and item-index parts store them)."""
+    return view_codes(image).tobytes().hex()
+
+
+def codes_from_hex(text: str) -> np.ndarray:
+    """The view codes stored by :func:`codes_hex`: uint8 ``(len(VIEWS), CODE_BYTES)``."""
+    return np.frombuffer(bytes.fromhex(text), np.uint8).reshape(len(VIEWS), CODE_BYTES)
+
+
 def hash_settings() -> dict:
     """What the view codes and their matching depend on (shards and item indexes made under other
     settings are not reused)."""
@@ -235,6 +245,11 @@ def near_match(hash_dist, colour_dist, luma_dist, threshold: int = DEFAULT_THRES
             | ((h <= threshold + HASH_MARGIN) & (c <= TIGHT_COLOUR_BOUND) & (lum <= LUMA_BOUND)))
 
 
+def colour_match(hash_dist, colour_a: np.ndarray, colour_b: np.ndarray, threshold: int = DEFAULT_THRESHOLD):
+    """:func:`near_match` for view pairs given their hash distance and their colour grids (..., 3 * cells)."""
+    return near_match(hash_dist, colour_distance(colour_a, colour_b), luma_distance(colour_a, colour_b), threshold)
+
+
 def has_colour(codes: np.ndarray) -> bool:
     """Whether view codes (..., V, B) carry a colour grid after the hash (``B ==`` :data:`CODE_BYTES`)."""
     return np.ndim(codes) >= 2 and np.shape(codes)[-1] == CODE_BYTES
@@ -268,12 +283,8 @@ def view_match(a: np.ndarray, b: np.ndarray, threshold: int = DEFAULT_THRESHOLD,
     a, b = np.asarray(a), np.asarray(b)
     if not has_colour(a):
         return view_distance(a, b, query, index) <= threshold
-    hits = []
-    for q, i in _both_ways(a, b, query, index):
-        h = hamming(q[..., :HASH_BYTES], i[..., :HASH_BYTES])
-        c = colour_distance(q[..., HASH_BYTES:], i[..., HASH_BYTES:])
-        lum = luma_distance(q[..., HASH_BYTES:], i[..., HASH_BYTES:])
-        hits.append(near_match(h, c, lum, threshold).any(axis=(-2, -1)))
+    hits = [colour_match(hamming(q[..., :HASH_BYTES], i[..., :HASH_BYTES]), q[..., HASH_BYTES:], i[..., HASH_BYTES:],
+                         threshold).any(axis=(-2, -1)) for q, i in _both_ways(a, b, query, index)]
     return hits[0] | hits[1]
 
 
@@ -296,8 +307,8 @@ def _image_pairs(qimg: np.ndarray, jimg: np.ndarray) -> np.ndarray:
     return np.unique(np.stack([a[keep], b[keep]], axis=1).astype(np.int64), axis=0)
 
 
-def accepted_candidates(codes: np.ndarray, query: tuple[int, ...], index: tuple[int, ...], q: np.ndarray, x: np.ndarray,
-              hash_dist: np.ndarray, threshold: int, block: int = 1 << 18) -> np.ndarray:
+def accepted_candidates(codes: np.ndarray, query: tuple[int, ...], index: tuple[int, ...], q: np.ndarray,
+                        x: np.ndarray, hash_dist: np.ndarray, threshold: int, block: int = 1 << 18) -> np.ndarray:
     """Which candidates the rule accepts: ``q`` numbers a query code in ``codes[:, query]`` flattened,
     ``x`` an index code in ``codes[:, index]`` flattened, ``hash_dist`` their hash distance (a
     search within :func:`search_radius` gives them); the colour and light distances are computed
@@ -310,8 +321,7 @@ def accepted_candidates(codes: np.ndarray, query: tuple[int, ...], index: tuple[
         qs, xs = q[lo:lo + block], x[lo:lo + block]
         a = codes[qs // len(qv), qv[qs % len(qv)], HASH_BYTES:]
         b = codes[xs // len(xv), xv[xs % len(xv)], HASH_BYTES:]
-        keep[lo:lo + block] = near_match(hash_dist[lo:lo + block], colour_distance(a, b), luma_distance(a, b),
-                                         threshold)
+        keep[lo:lo + block] = colour_match(hash_dist[lo:lo + block], a, b, threshold)
     return keep
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from memreg import sharding
-from memreg.audit.near_dup import phash_code, view_codes
+from memreg.audit.near_dup import codes_hex, phash_code
 from memreg.audit.source import AuditSource, open_rgb
 from memreg.duplicates import content_hash
 from memreg.sharding import PARTS_DIR
@@ -45,7 +45,7 @@ def hash_row(ref) -> tuple[str | None, str | None, str | None, str | None]:
     """(sha256, phash hex, views hex, error) of one image reference; never raises for bad image data."""
     try:
         img = open_rgb(ref)
-        return content_hash(img), phash_code(img).tobytes().hex(), view_codes(img).tobytes().hex(), None
+        return content_hash(img), phash_code(img).tobytes().hex(), codes_hex(img), None
     except Exception as e:  # PIL raises many types for corrupt/truncated/missing files
         return None, None, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
 

@@ -98,7 +98,7 @@ def label_lifts(points: dict[str, tuple[float, float]], width: float, near: floa
     return lifts
 
 
-def _draw_panel(ax, runs: dict, copy_key: str, colors: dict, right: float, left: float) -> None:
+def _draw_panel(ax, runs: dict, copy_key: str, colors: dict, left: float, right: float) -> None:
     def shown(r: dict) -> tuple[float, float]:
         x, y = _point(r, copy_key)
         return (min(x, right), y)
@@ -155,7 +155,7 @@ def plot_tradeoff(runs: dict, path: Path, labels: tuple[str, str], colors: dict[
     fig = Figure(figsize=(11, 5.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
     for ax, key, label in zip(axes, COPY_KEYS, labels):
-        _draw_panel(ax, runs, key, colors, right, left)
+        _draw_panel(ax, runs, key, colors, left, right)
         ax.set_xlim(left, right)
         ax.set_title(f"copy rate on {label}", fontsize=10)
     fig.suptitle("Memorization vs fit: lower-left is better (bars: 95% Wilson CI; ring: Pareto-optimal)",

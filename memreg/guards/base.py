@@ -105,13 +105,18 @@ class GuardContext:
             return denoise(unet, sample.to(self.weight_dtype), timesteps, embeds.to(self.weight_dtype),
                            return_dict=False)[0]
 
+    @property
+    def has_base_model(self) -> bool:
+        """Whether :meth:`reference_unet` can give the base model: a frozen copy, or LoRA adapters to disable."""
+        return self.reference is not None or bool(getattr(self.unet, "peft_config", None))
+
     @contextmanager
     def reference_unet(self):
         """The base model, for no-grad reference forwards (see the module docstring)."""
         if self.reference is not None:
             yield self.reference
             return
-        if not getattr(self.unet, "peft_config", None):
+        if not self.has_base_model:
             raise NotImplementedError("a base-model reference needs LoRA adapters or GuardContext.reference")
         self.unet.disable_adapters()
         try:

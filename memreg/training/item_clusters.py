@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from memreg import sharding
 from memreg.audit.merge import RowIndex, cluster_rows
-from memreg.audit.near_dup import CODE_BYTES, DEFAULT_THRESHOLD, VIEWS, hash_settings, view_codes
+from memreg.audit.near_dup import CODE_BYTES, DEFAULT_THRESHOLD, VIEWS, codes_from_hex, codes_hex, hash_settings
 from memreg.duplicates import DuplicateIndex, content_hash
 from memreg.errors import MemregError, one_line
 from memreg.image_io import load_rgb
@@ -88,7 +88,7 @@ def fingerprint(images: Sequence[Any], kind: str, threshold: int, shard_size: in
 def hash_image(image: Any, near: bool) -> tuple[str, str | None]:
     """(content sha256 hex, the view codes as hex or None) of one image; raises on unreadable data."""
     img = load_rgb(image)
-    return content_hash(img), (view_codes(img).tobytes().hex() if near else None)
+    return content_hash(img), (codes_hex(img) if near else None)
 
 
 def _hash_rows(images: Sequence[Any], near: bool) -> Callable[[int, int], tuple[dict, list[dict]]]:
@@ -121,7 +121,7 @@ def _merge(parts: Path, n: int, shard_size: int, near: bool, threshold: int,
                 continue
             sha[i] = np.frombuffer(bytes.fromhex(x["sha256"]), np.uint8)
             if near:
-                codes[i] = np.frombuffer(bytes.fromhex(x["views"]), np.uint8).reshape(len(VIEWS), CODE_BYTES)
+                codes[i] = codes_from_hex(x["views"])
     if error is not None:
         for k in set(bad_parts):
             sharding.part_path(parts, k).unlink(missing_ok=True)

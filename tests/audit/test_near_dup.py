@@ -163,3 +163,9 @@ def test_calibration_on_photos():
     assert cal.precision >= 0.9, cal
     strict = calibrate(images, 0, seed=0)
     assert strict.recall <= cal.recall
+
+
+def test_view_codes_survive_their_hex_text():
+    from memreg.audit.near_dup import codes_from_hex, codes_hex, view_codes
+    img = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    assert np.array_equal(codes_from_hex(codes_hex(img)), view_codes(img))

@@ -67,10 +67,9 @@ class AnisotropyGateGuard(Guard):
         if penalty == "anchor" and weight > 0:
             if gate is None:
                 raise ValueError("the anchor penalty needs the gate (its flags name the rows)")
-            if ctx.reference is None and not getattr(ctx.unet, "peft_config", None):
+            if not ctx.has_base_model:
                 raise ValueError("the anchor penalty needs the base model: LoRA adapters on the UNet, or a frozen copy "
                                  "of the base UNet as GuardContext.reference (full fine-tuning)")
-        self.penalty = penalty
         self.anchor_weight = float(weight) if penalty == "anchor" else 0.0
         self.mode, self.weight = mode, float(weight) if penalty == "score" else 0.0
         self.max_force = max_force if self.weight > 0 else None
