@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Cost of ``memreg attack``: seconds per target per attack, and the ratio to one plain generation.
 
-On the tiny offline pipeline (the demo's shape: 16 px latents at pixel resolution, UNet levels
-32/64/64, two with cross-attention, 64-d text; random weights, which cost the same as trained
-ones) or ``--model``. Each repetition times one plain generation (one prompt, one seed, the
-attack's DDIM steps and guidance) and then one target under every attack (``stop_at_success``
-off, so each attack runs), interleaved (gen, attack, gen, attack, ...) after a warm-up, so both
-see the same machine state; medians are reported. Only ratios measured in the same run compare.
+On the tiny offline pipeline (the demo's shape: 16-px images, a VAE that halves the side to 8 x 8
+latents, UNet levels 32/64/64, two with cross-attention, 64-d text; random weights, which cost the
+same as trained ones) or ``--model``. Each repetition times one plain generation (one prompt, one
+seed, the attack's DDIM steps and guidance) and then one target under every attack
+(``stop_at_success`` off, so each attack runs), interleaved (gen, attack, gen, attack, ...) after a
+warm-up, so both see the same machine state; medians are reported. Only ratios measured in the same
+run compare.
 
     .venv/bin/python scripts/bench_attack.py [--reps 5] [--threads 1] [--steps 20 --draws 2 ...] [--model DIR]
 
@@ -53,8 +54,8 @@ def parse_args(argv=None):
 def tiny_model(root: Path) -> str:
     from memreg.testing import build_tiny_sd
 
-    return str(build_tiny_sd(root / "tiny", sample_size=16, unet_channels=(32, 64, 64), attention_levels=2,
-                             cross_attention_dim=64, vae_downsample=False))
+    return str(build_tiny_sd(root / "tiny", sample_size=8, unet_channels=(32, 64, 64), attention_levels=2,
+                             cross_attention_dim=64, vae_downsample=True))
 
 
 def bench(pipe, settings: AttackSettings, reps: int) -> dict:

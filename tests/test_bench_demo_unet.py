@@ -15,9 +15,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_demo_unet.py"
 def test_shapes_are_parsed_and_bad_ones_named():
     bench = load_script(SCRIPT)
     assert bench.parse_shape("32,64,64:2") == {"unet_channels": (32, 64, 64), "attention_levels": 2,
-                                                "attention_head_dim": 8}
+                                                "attention_head_dim": 8, "sample_size": 8}
     assert bench.parse_shape("32,64:1:32")["attention_head_dim"] == 32
-    for bad in ("32,64", "32,64:3", "a,b:1"):
+    assert bench.parse_shape("32,64,64:2@16")["sample_size"] == 16
+    for bad in ("32,64", "32,64:3", "a,b:1", "32,64,64:2@6", "32,64:1@x"):   # 6 does not halve twice
         with pytest.raises(ValueError, match=f"--shapes '{bad}'"):
             bench.parse_shape(bad)
     with pytest.raises(SystemExit) as exit_:
@@ -27,8 +28,8 @@ def test_shapes_are_parsed_and_bad_ones_named():
 
 def test_every_shape_gets_a_train_and_a_sample_time(capsys):
     bench = load_script(SCRIPT)
-    out = bench.main(["--shapes", "32,64:1", "32,64,64:1", "--batches", "2", "--reps", "1", "--steps", "1"])
-    assert list(out) == ["32,64:1", "32,64,64:1"]
+    out = bench.main(["--shapes", "32,64:1", "32,64,64:1@16", "--batches", "2", "--reps", "1", "--steps", "1"])
+    assert list(out) == ["32,64:1", "32,64,64:1@16"]
     for metrics in out.values():
         assert list(metrics) == ["train b2", f"sample b{bench.SAMPLE_BATCH}"]
         assert all(math.isfinite(v) and v > 0 for v in metrics.values())

@@ -68,6 +68,9 @@ COPY_LABELS = {"studio": ("exact", "paraphrased"), "web": ("training wordings", 
 # this. The web world's copies spread over four wordings and near-duplicates, so each wording is
 # reproduced less often (README: the web world).
 MEMORIZES = {"studio": {"none": 0.5, "lora_none": 0.3}, "web": {"none": 0.3, "lora_none": 0.2}}
+BASE_KEYS = frozenset({"seed", "vae_downsample", "unet_channels", "attention_levels", "cross_attention_dim",
+                       "vae_steps", "pretrain_images", "steps", "batch_size", "learning_rate",
+                       "proportion_empty_prompts"})   # base:, every key read by prepare_base
 SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack", "web",
             "studies"}
 WEB_SECTIONS = {"data", "finetune", "runs"}   # what the web world changes; everything else is the first world's
@@ -96,7 +99,8 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         raise ValueError(f"{path}: unknown demo section(s) {sorted(unknown)}")
     for section, known in (("final", FinalEvalSettings), ("mitigation", MitigationEvalSettings),
                            ("attack", AttackEvalSettings)):
-        settings.setdefault(section, {})
+        if not isinstance(settings.setdefault(section, {}), dict):
+            raise ValueError(f"{path}: {section}: must be a mapping of its keys, got {settings[section]!r}")
         unknown = set(settings[section]) - {f.name for f in fields(known)}
         if unknown:
             raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
@@ -112,6 +116,10 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         raise ValueError(f"{path}: workers must be an integer >= 1, got {workers!r}")
     for name in settings.get("runs") or {}:
         run_overrides(settings, name)  # every run's guard is named before anything is built
+    base = settings.get("base")
+    if not isinstance(base, dict) or set(base) != BASE_KEYS:
+        have = set(base) if isinstance(base, dict) else set()
+        raise ValueError(f"{path}: base: missing {sorted(BASE_KEYS - have)}, unknown {sorted(have - BASE_KEYS)}")
     return settings
 
 
@@ -221,8 +229,10 @@ def prepare_base(settings: dict, cache: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     data_root = prepare_data({"data": _data_fields(data_cfg)}, cache)
-    init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution, unet_channels=tuple(b["unet_channels"]),
-                         vae_downsample=False, cross_attention_dim=b["cross_attention_dim"],
+    down = bool(b["vae_downsample"])   # latents at half the image side
+    init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution // (2 if down else 1),
+                         unet_channels=tuple(b["unet_channels"]),
+                         vae_downsample=down, cross_attention_dim=b["cross_attention_dim"],
                          attention_levels=b["attention_levels"], seed=b["seed"])
     pre = _pretrain_folder(work / "pretrain", data_cfg, b["pretrain_images"])
     rows = [json.loads(x) for x in (data_root / "train" / "metadata.jsonl").read_text().splitlines()]

@@ -48,6 +48,8 @@ def test_results_have_every_field(quick_demo):
         assert {"tau", "copy_exact", "dup_flagged", "heldout_flagged", "adherence", "time_x"} <= set(m)
         assert (m["tau"] is None) == (mode == "none") and 0.0 <= m["heldout_flagged"] <= 1.0
     assert [t["target"] for t in saved["targets"]] == [t["target"] for t in results["targets"]]
+    base_unet = json.loads((Path(saved["base_model"]) / "unet" / "config.json").read_text())
+    assert base_unet["sample_size"] == settings["data"]["resolution"] // 2    # base.vae_downsample: true
     assert all(isinstance(t["pass"], bool) for t in saved["targets"])
     assert (out / "report.html").is_file() and (out / "samples_none.png").is_file()
     assert (out / "tradeoff.png").is_file() and "Copy rate vs held-out loss" in (out / "report.html").read_text()
@@ -135,7 +137,7 @@ def test_web_world_settings_merge_over_the_first_world():
     settings = load_settings(CONFIG)
     web = world_settings(settings, "web")
     assert web["data"]["seed"] == settings["data"]["seed"] and web["data"]["web"]["train_wordings"] == 4
-    assert web["finetune"]["caption_column"] == "captions" and web["finetune"]["max_train_steps"] == 450
+    assert web["finetune"]["caption_column"] == "captions" and web["finetune"]["max_train_steps"] == 600   # inherited
     assert "none" in web["runs"] and "penalty_augment" in web["runs"]
     assert web["attack"]["runs"] == [] and web["mitigation"] is None and "web" not in web
     assert world_settings(settings, "studio") is settings
@@ -175,6 +177,23 @@ def test_unknown_section_is_named(tmp_path):
     bad = tmp_path / "demo.yaml"
     bad.write_text("data: {}\nguardz: {}\n")
     with pytest.raises(ValueError, match="guardz"):
+        load_settings(bad)
+
+
+@pytest.mark.parametrize("section", ["final", "mitigation", "attack"])
+def test_an_empty_eval_section_is_named(tmp_path, section):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(f"data: {{}}\n{section}:\n")   # YAML null: a one-line error, not a TypeError
+    with pytest.raises(ValueError, match=f"{section}: must be a mapping"):
+        load_settings(bad)
+
+
+def test_base_keys_are_checked_before_anything_is_built(tmp_path):
+    text = CONFIG.read_text()
+    assert text.count("\n  vae_downsample: true") == 1
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(text.replace("\n  vae_downsample: true", "\n  vae_stpes: 10"))   # a typo for a required key
+    with pytest.raises(ValueError, match=r"base: missing \['vae_downsample'\], unknown \['vae_stpes'\]"):
         load_settings(bad)
 
 
