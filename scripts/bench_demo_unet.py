@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     unets = {}
     for name, kw in shapes.items():
         torch.manual_seed(0)
-        unets[name] = tiny_unet(kw.pop("sample_size"), TEXT_DIM, **kw)
+        unets[name] = tiny_unet(cross_attention_dim=TEXT_DIM, **kw)
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.reps):
         for name, unet in unets.items():

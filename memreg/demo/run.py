@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -68,9 +68,6 @@ COPY_LABELS = {"studio": ("exact", "paraphrased"), "web": ("training wordings", 
 # this. The web world's copies spread over four wordings and near-duplicates, so each wording is
 # reproduced less often (README: the web world).
 MEMORIZES = {"studio": {"none": 0.5, "lora_none": 0.3}, "web": {"none": 0.3, "lora_none": 0.2}}
-BASE_KEYS = frozenset({"seed", "vae_downsample", "unet_channels", "attention_levels", "cross_attention_dim",
-                       "vae_steps", "pretrain_images", "steps", "batch_size", "learning_rate",
-                       "proportion_empty_prompts"})   # base:, every key read by prepare_base
 SECTIONS = {"cache_dir", "workers", "data", "base", "finetune", "runs", "final", "mitigation", "attack", "web",
             "studies"}
 WEB_SECTIONS = {"data", "finetune", "runs"}   # what the web world changes; everything else is the first world's
@@ -99,11 +96,7 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         raise ValueError(f"{path}: unknown demo section(s) {sorted(unknown)}")
     for section, known in (("final", FinalEvalSettings), ("mitigation", MitigationEvalSettings),
                            ("attack", AttackEvalSettings)):
-        if not isinstance(settings.setdefault(section, {}), dict):
-            raise ValueError(f"{path}: {section}: must be a mapping of its keys, got {settings[section]!r}")
-        unknown = set(settings[section]) - {f.name for f in fields(known)}
-        if unknown:
-            raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
+        _check_section(path, settings, section, known)
     if settings.get("web") is not None:
         unknown = set(settings["web"]) - WEB_SECTIONS
         if unknown:
@@ -116,11 +109,22 @@ def load_settings(path: str | Path, quick: bool = False) -> dict:
         raise ValueError(f"{path}: workers must be an integer >= 1, got {workers!r}")
     for name in settings.get("runs") or {}:
         run_overrides(settings, name)  # every run's guard is named before anything is built
-    base = settings.get("base")
-    if not isinstance(base, dict) or set(base) != BASE_KEYS:
-        have = set(base) if isinstance(base, dict) else set()
-        raise ValueError(f"{path}: base: missing {sorted(BASE_KEYS - have)}, unknown {sorted(have - BASE_KEYS)}")
+    _check_section(path, settings, "base", BaseModelSettings)
     return settings
+
+
+def _check_section(path: str | Path, settings: dict, section: str, known: type) -> None:
+    """``settings[section]`` (an empty mapping when absent) holds only ``known``'s fields and every one
+    of them without a default; otherwise a ValueError naming the file, the section and the keys."""
+    value = settings.setdefault(section, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {section}: must be a mapping of its keys, got {value!r}")
+    unknown = set(value) - {f.name for f in fields(known)}
+    missing = {f.name for f in fields(known) if f.default is MISSING and f.default_factory is MISSING} - set(value)
+    if missing:
+        raise ValueError(f"{path}: {section}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if unknown:
+        raise ValueError(f"{path}: unknown {section}: key(s) {sorted(unknown)}")
 
 
 def world_settings(settings: dict, world: str) -> dict:
@@ -216,12 +220,28 @@ def _pretrain_folder(root: Path, data_cfg: DemoDataConfig, n: int) -> Path:
     return root
 
 
+@dataclass
+class BaseModelSettings:
+    """``base:``, every key required: the tiny SD that both worlds fine-tune (:func:`prepare_base`)."""
+    seed: int
+    vae_downsample: bool          # the VAE halves the image side: latents at resolution // 2
+    unet_channels: list[int]
+    attention_levels: int
+    cross_attention_dim: int
+    vae_steps: int
+    pretrain_images: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    proportion_empty_prompts: float
+
+
 def prepare_base(settings: dict, cache: Path) -> Path:
     """Build (or reuse) the base model: tiny SD + trained VAE + generic pre-training. Both worlds share
     it: it is keyed by, and its VAE trained on, the first world's data (:meth:`DemoDataConfig.base_world`)."""
-    b = settings["base"]
+    b = BaseModelSettings(**settings["base"])
     data_cfg = DemoDataConfig(**settings["data"]).base_world()
-    root = cache / f"base-{_key(_data_fields(data_cfg), b)}"
+    root = cache / f"base-{_key(_data_fields(data_cfg), settings['base'])}"
     if (root / "model_index.json").is_file():
         logger.info("base model: cached at %s", root)
         return root
@@ -229,29 +249,28 @@ def prepare_base(settings: dict, cache: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     data_root = prepare_data({"data": _data_fields(data_cfg)}, cache)
-    down = bool(b["vae_downsample"])   # latents at half the image side
-    init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution // (2 if down else 1),
-                         unet_channels=tuple(b["unet_channels"]),
-                         vae_downsample=down, cross_attention_dim=b["cross_attention_dim"],
-                         attention_levels=b["attention_levels"], seed=b["seed"])
-    pre = _pretrain_folder(work / "pretrain", data_cfg, b["pretrain_images"])
+    init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution // (2 if b.vae_downsample else 1),
+                         unet_channels=tuple(b.unet_channels), vae_downsample=b.vae_downsample,
+                         cross_attention_dim=b.cross_attention_dim, attention_levels=b.attention_levels,
+                         seed=b.seed)
+    pre = _pretrain_folder(work / "pretrain", data_cfg, b.pretrain_images)
     rows = [json.loads(x) for x in (data_root / "train" / "metadata.jsonl").read_text().splitlines()]
     images = [Image.open(data_root / "train" / r["file_name"]).convert("RGB") for r in rows]
     images += [Image.open(p).convert("RGB") for p in sorted(pre.glob("*.png"))[:len(images)]]
     vae = AutoencoderKL.from_pretrained(init, subfolder="vae")
-    vae_stats = train_vae(vae, images, steps=b["vae_steps"], seed=b["seed"])
+    vae_stats = train_vae(vae, images, steps=b.vae_steps, seed=b.seed)
     vae.save_pretrained(init / "vae", safe_serialization=True)
     logger.info("base model: VAE trained (%s)", vae_stats)
     cfg = load_config([], overrides={
         "pretrained_model_name_or_path": str(init), "train_data_dir": str(pre), "caption_column": "caption",
         "mode": "full", "train_text_encoder": True, "resolution": data_cfg.resolution, "center_crop": True,
-        "train_batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "lr_scheduler": "cosine",
-        "lr_warmup_steps": 50, "max_train_steps": b["steps"], "seed": b["seed"], "cache_latents": True,
-        "proportion_empty_prompts": b["proportion_empty_prompts"], "output_dir": str(work / "model"),
+        "train_batch_size": b.batch_size, "learning_rate": b.learning_rate, "lr_scheduler": "cosine",
+        "lr_warmup_steps": 50, "max_train_steps": b.steps, "seed": b.seed, "cache_latents": True,
+        "proportion_empty_prompts": b.proportion_empty_prompts, "output_dir": str(work / "model"),
         "checkpointing_steps": 10 ** 9, "report_to": "none"})
     train(cfg)
     (work / "model" / "base_info.json").write_text(json.dumps(
-        {"vae": vae_stats, "seconds": time.perf_counter() - t0, "settings": b}, indent=2))
+        {"vae": vae_stats, "seconds": time.perf_counter() - t0, "settings": settings["base"]}, indent=2))
     (work / "model").rename(root)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("base model: built in %.0fs at %s", time.perf_counter() - t0, root)
