@@ -133,6 +133,8 @@ def evaluate_model(components, unet, detector, memorized: list[dict], train_imag
         "copy_paraphrase_by_variant": {v: rate([h for h, (_, pv, _) in zip(para_hits, para) if pv == v])
                                        for v in variants},
         "copy_exact_by_caption": {d["caption"]: rate(exact_hits[j * m:(j + 1) * m]) for j, d in enumerate(memorized)},
+        "copy_paraphrase_by_caption": {d["caption"]: rate([h for h, (_, _, pj) in zip(para_hits, para) if pj == j])
+                                       for j, d in enumerate(memorized)},
         "dup_own_similarity_mean": float(own.mean()),
         "heldout_copy": rate(to_photos > thr),
         "heldout_photo_similarity_mean": float(to_photos.mean()),

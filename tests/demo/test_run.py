@@ -11,6 +11,7 @@ from memreg.demo.run import (dominates, final_detection, load_settings, plain_ru
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 RUN_FIELDS = {"copy_exact", "copy_paraphrase", "copy_paraphrase_by_variant", "copy_exact_by_caption",
+              "copy_paraphrase_by_caption",
               "dup_own_similarity_mean", "heldout_copy", "heldout_photo_similarity_mean",
               "heldout_any_train_over_threshold", "heldout_loss", "adherence", "copy_threshold", "mode", "guard",
               "train_s", "step_time_s", "step_time_ratio", "detection", "weight", "cond_ratio"}

@@ -96,6 +96,28 @@ def test_a_fired_probe_takes_its_caption_out_of_this_and_later_batches(eps_compo
     assert logs[tags.GUARD_GATE_FLAGGED] == 1.0
 
 
+def test_each_image_the_gate_flags_is_logged_once_with_its_step_and_wording(eps_components, caplog):
+    """tau -inf: every probe fires. A line names each image when its first probe fires (the step,
+    the item key, the wording probed); an image probed again while flagged adds no line."""
+    c = eps_components
+    guard, enc = _guard(c, tau=-1e9)
+    guard.calibrate()
+    items = torch.tensor([10, 20, 30, 40])
+    probed = []
+    with caplog.at_level("INFO", logger="memreg.guards.anisotropy_gate.guard"):
+        for step in range(6):
+            _step_items(guard, enc, c.unet, CAPTIONS, items, torch.ones(4), step=step)
+            probed += guard._outs[-1].keys.tolist()
+            guard.step_logs({"train/loss_mse": 1.0})
+    flags = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gate: step")]
+    firsts = list(dict.fromkeys(probed))
+    assert guard.gate.flagged == set(firsts) and len(flags) == len(firsts)
+    for key, line in zip(firsts, flags):
+        step = probed.index(key)                               # one probe a step
+        assert line.startswith(f"gate: step {step} flagged image {key:016x} through ")
+        assert repr(CAPTIONS[items.tolist().index(key)]) in line
+
+
 def test_no_gate_is_the_plain_mean_and_a_high_tau_gates_nothing(eps_components):
     c = eps_components
     guard, enc = _guard(c, tau=1e9)
