@@ -84,7 +84,6 @@ class AnisotropyGateGuard(Guard):
         self._outs: list[ProbeResult] = []
         self.final_report: dict | None = None
         self._steps_logged = 0
-        self._step = 0
         self._warned_no_items = False
         # this step's micro-batches: (sum of anchor terms, anchored rows, rows, the anchor's change of the loss)
         self._anchor: list[tuple[float, int, int, float]] = []
@@ -170,7 +169,6 @@ class AnisotropyGateGuard(Guard):
         probe = self.probes.prepare(embeds, self.ctx.uncond(), self.ctx.latent_shape, step, caps,
                                     self.threshold.fixed_noise, row_keys=self._row_keys(caps, items, sources),
                                     sources=sources, encode=self.ctx.encode)
-        self._step = step
         if probe is not None:
             self.threshold.attach(probe, self.ctx, self.probes)
             if self.probe_forward == "measure":
@@ -195,9 +193,9 @@ class AnisotropyGateGuard(Guard):
             probe_out = self._probe_output(batch, probe)
             result = self._evaluate(probe_out, probe)
             if self.gate is not None:   # this step's verdicts act on this very batch
-                before = set(self.gate.flagged)
+                unflagged = ~self.gate.is_flagged(probe.keys) if probe.keys is not None else None
                 self.gate.update(result.keys.cpu(), self.ctx.gather(result.over.to(torch.uint8)).cpu())
-                self._log_new_flags(probe, result, before)
+                self._log_new_flags(batch.step, probe, result, unflagged)
         loss, mse = self._denoising_loss(batch)
         res = GuardLoss(loss=loss, loss_mse=mse)
         if result is None:
@@ -209,17 +207,19 @@ class AnisotropyGateGuard(Guard):
         res.loss = loss + result.weighted
         return res
 
-    def _log_new_flags(self, probe: ProbeBatch, result: ProbeResult, before: set[int]) -> None:
+    def _log_new_flags(self, step: int, probe: ProbeBatch, result: ProbeResult, unflagged: Tensor | None) -> None:
         """One line per image (or caption) this process's probes flagged for the first time: what
-        left the loss, when, and through which wording."""
-        if probe.captions is None or probe.keys is None:
+        left the loss, when, and through which wording. ``unflagged``: the probed keys not flagged
+        before this step's verdicts (a key probed twice in the step is named once)."""
+        if probe.captions is None or unflagged is None:
             return
         quantity = result.growth if result.growth is not None else result.values
-        for key, cap, over, q in zip(probe.keys.tolist(), probe.captions, result.over.tolist(), quantity.tolist()):
-            if over and key not in before:
-                before.add(key)
-                logger.info("gate: step %d flagged %s %016x through %r (probe %.4f)", self._step, self.gate.key,
-                            key, cap, q)
+        named: set[int] = set()
+        for key, cap, over, new, q in zip(probe.keys.tolist(), probe.captions, result.over.tolist(),
+                                          unflagged.tolist(), quantity.tolist()):
+            if over and new and key not in named:
+                named.add(key)
+                logger.info("gate: step %d flagged %s %016x through %r (probe %.4f)", step, self.gate.key, key, cap, q)
 
     def _evaluate(self, probe_out: Tensor, probe: ProbeBatch) -> ProbeResult:
         """The verdicts and the penalty on the probes' UNet output; ``keys``: every process's caption
