@@ -18,10 +18,13 @@ grid; searched with faiss on the hashes, then checked on the colours.
 * **Code** of an image (:func:`view_codes`): uint8 ``(len(VIEWS), CODE_BYTES)``, per view the
   hash (bytes ``0..HASH_BYTES-1``) then the colour grid (the remaining ``3 * COLOUR_GRID**2``).
 * **Views** (:data:`VIEWS`): the image, scaled to at most :data:`WORK_SIDE` px on its shorter
-  side, with its uniform border trimmed (:func:`border_box`); its horizontal mirror; and five
+  side, with its uniform border trimmed (:func:`border_box`), then scaled up to at least
+  :data:`MIN_WORK_SIDE` (:func:`upscaled`); its horizontal mirror; and five
   windows keeping :data:`WINDOW_SCALE` of each side (centre and four corners,
   :func:`window_boxes`). A crop keeping 85-95% of the side looks like one of the windows, a
-  flipped copy like the mirror, a padded copy (trimmed) like the original.
+  flipped copy like the mirror, a padded copy (trimmed) like the original. Windows are cut on
+  whole pixels, so a small image is scaled up first: at 16 px a 0.9 window would be 14 px (0.875
+  of the side) with its corners 2 px (12%) from the centre's, too coarse to meet a crop's place.
 * **Rule** (:func:`near_match`): two images are near-duplicates when, for some *query* view of one
   (the image or its mirror) and *index* view of the other (the image or one of its windows), the
   hash distance is at most ``threshold`` bits and the colour distance at most
@@ -70,7 +73,8 @@ HASH_MARGIN = 12               # hash bits past the threshold an off-centre crop
 TIGHT_COLOUR_BOUND = 0.15      # ... when every cell's colour agrees this closely (copies do; other images rarely)
 LUMA_BOUND = 1.5               # ... and the cells' light pattern too: grey images all have chromaticity 0
 LUMA_EPS = 8.0                 # grey levels added to a view's cell spread, so a flat view's pattern stays small
-WORK_SIDE = 128                # views are cut from the image scaled to at most this shorter side
+WORK_SIDE = 128                # views are cut from the image scaled to at most this shorter side ...
+MIN_WORK_SIDE = 64             # ... and, after its border is trimmed, to at least this one
 WINDOW_SCALE = 0.9             # windows keep this fraction of each side
 BORDER_TOLERANCE = 10          # grey levels a border pixel may differ from its line's median
 BORDER_MAX_FRACTION = 0.25     # at most this fraction of the side is trimmed from each side
@@ -146,6 +150,16 @@ def work_image(image: Image.Image, side: int = WORK_SIDE, mode: str = "L",
     return img
 
 
+def upscaled(image: Image.Image, side: int = MIN_WORK_SIDE) -> Image.Image:
+    """``image`` scaled up (bicubic, aspect kept) so its shorter side is at least ``side``; an image
+    that large already is returned as it is."""
+    w, h = image.size
+    if min(w, h) >= side:
+        return image
+    f = side / min(w, h)
+    return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BICUBIC)
+
+
 def colour_grid(image: Image.Image, grid: int = COLOUR_GRID) -> np.ndarray:
     """Mean RGB of each cell of a ``grid`` x ``grid`` split of ``image`` (PIL's box filter: exact
     area means, rounded), cells row by row: uint8 ``(3 * grid * grid,)``."""
@@ -160,6 +174,7 @@ def view_codes(image: Image.Image) -> np.ndarray:
     box = border_box(np.asarray(gray))
     if box != (0, 0) + gray.size:
         gray, rgb = gray.crop(box), rgb.crop(box)
+    gray, rgb = upscaled(gray), upscaled(rgb)
     flip, boxes = Image.Transpose.FLIP_LEFT_RIGHT, window_boxes(*gray.size)
     hashes = [view_hash(v) for v in [gray, gray.transpose(flip)] + [gray.crop(b) for b in boxes]]
     colours = [colour_grid(v) for v in [rgb, rgb.transpose(flip)] + [rgb.crop(b) for b in boxes]]
@@ -179,7 +194,7 @@ def codes_from_hex(text: str) -> np.ndarray:
 def hash_settings() -> dict:
     """What the view codes and their matching depend on (shards and item indexes made under other
     settings are not reused)."""
-    return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "window_scale": WINDOW_SCALE,
+    return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "min_work_side": MIN_WORK_SIDE, "window_scale": WINDOW_SCALE,
             "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION,
             "code_bytes": CODE_BYTES, "colour_grid": COLOUR_GRID, "chroma_offset": CHROMA_OFFSET,
             "colour_bound": COLOUR_BOUND, "hash_margin": HASH_MARGIN, "tight_colour_bound": TIGHT_COLOUR_BOUND,
