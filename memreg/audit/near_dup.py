@@ -166,15 +166,16 @@ def colour_grid(image: Image.Image, grid: int = COLOUR_GRID) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((grid, grid), Image.BOX), dtype=np.uint8).reshape(-1)
 
 
-def view_codes(image: Image.Image) -> np.ndarray:
+def view_codes(image: Image.Image, min_side: int = MIN_WORK_SIDE) -> np.ndarray:
     """The code of every one of the :data:`VIEWS` of ``image``: uint8 ``(len(VIEWS), CODE_BYTES)``,
-    per view its :func:`view_hash` (greyscale) then its :func:`colour_grid` (RGB, same box)."""
+    per view its :func:`view_hash` (greyscale) then its :func:`colour_grid` (RGB, same box); the
+    trimmed image is scaled up to ``min_side`` first (:func:`upscaled`; 0: never)."""
     # the colour grid needs area means only: the box filter gives them at a fraction of Lanczos's cost
     gray, rgb = work_image(image), work_image(image, mode="RGB", resample=Image.BOX)
     box = border_box(np.asarray(gray))
     if box != (0, 0) + gray.size:
         gray, rgb = gray.crop(box), rgb.crop(box)
-    gray, rgb = upscaled(gray), upscaled(rgb)
+    gray, rgb = upscaled(gray, min_side), upscaled(rgb, min_side)
     flip, boxes = Image.Transpose.FLIP_LEFT_RIGHT, window_boxes(*gray.size)
     hashes = [view_hash(v) for v in [gray, gray.transpose(flip)] + [gray.crop(b) for b in boxes]]
     colours = [colour_grid(v) for v in [rgb, rgb.transpose(flip)] + [rgb.crop(b) for b in boxes]]

@@ -65,9 +65,12 @@ def test_small_images_are_scaled_up_before_their_views():
     assert upscaled(big) is big                                      # 64 already: untouched
     # a 16-px image's windows are cut on its 64-px copy: 58 px (0.906), not 14 px (0.875)
     img = load_photo("coffee", 16)
-    up = upscaled(work_image(img))
+    up = upscaled(work_image(img))                                   # 16 -> 64 px
     assert view_codes(img)[2, :HASH_BYTES].tolist() == view_hash(up.crop(window_boxes(64, 64)[0])).tolist()
     assert window_boxes(64, 64)[0] == (3, 3, 61, 61)
+    native = view_codes(img, min_side=0)                             # never scaled up: the 14-px window
+    assert native[2, :HASH_BYTES].tolist() == view_hash(work_image(img).crop(window_boxes(16, 16)[0])).tolist()
+    assert window_boxes(16, 16)[0] == (1, 1, 15, 15)
 
 
 def test_view_hash_is_phash_then_dhash():
