@@ -195,8 +195,8 @@ def codes_from_hex(text: str) -> np.ndarray:
 def hash_settings() -> dict:
     """What the view codes and their matching depend on (shards and item indexes made under other
     settings are not reused)."""
-    return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "min_work_side": MIN_WORK_SIDE, "window_scale": WINDOW_SCALE,
-            "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION,
+    return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "min_work_side": MIN_WORK_SIDE,
+            "window_scale": WINDOW_SCALE, "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION,
             "code_bytes": CODE_BYTES, "colour_grid": COLOUR_GRID, "chroma_offset": CHROMA_OFFSET,
             "colour_bound": COLOUR_BOUND, "hash_margin": HASH_MARGIN, "tight_colour_bound": TIGHT_COLOUR_BOUND,
             "luma_bound": LUMA_BOUND, "luma_eps": LUMA_EPS}

@@ -229,8 +229,9 @@ def test_no_distinct_originals_matched(planted):
     assert not np.any(owner[pairs[:, 0]] != owner[pairs[:, 1]])
 
 
-# moon is a low-contrast texture: at 16 px its crops differ by 37-46 hash bits (recall 0.22 at the
-# seeds below), like the textures the demo leaves out of its photos (memreg.demo.data.PHOTOS)
+# moon is a low-contrast texture: at 16 px its crops differ by 37-46 hash bits (recall 0.22-0.42 on
+# the crops measured for the README), like the textures the demo leaves out of its photos
+# (memreg.demo.data.PHOTOS)
 DEMO_CROP_PHOTOS = tuple(p for p in PHOTOS if p != "moon")
 
 
