@@ -137,27 +137,26 @@ def window_boxes(width: int, height: int, scale: float = WINDOW_SCALE) -> list[t
     return [(x, y, x + w, y + h) for x, y in ((dx // 2, dy // 2), (0, 0), (dx, 0), (0, dy), (dx, dy))]
 
 
+def shorter_side_to(image: Image.Image, side: int, resample: int) -> Image.Image:
+    """``image`` resized (aspect kept, ``resample`` filter) so that its shorter side is ``side``."""
+    w, h = image.size
+    f = side / min(w, h)
+    return image.resize((max(1, round(w * f)), max(1, round(h * f))), resample)
+
+
 def work_image(image: Image.Image, side: int = WORK_SIDE, mode: str = "L",
                resample: int = Image.LANCZOS) -> Image.Image:
     """``image`` in ``mode`` (greyscale by default), scaled down (aspect kept, ``resample`` filter) so
     its shorter side is at most ``side``: every view is cut from this, so hashing costs the same for
     any input size."""
     img = image if image.mode == mode else image.convert(mode)   # never changed in place: no copy
-    w, h = img.size
-    if min(w, h) > side:
-        f = side / min(w, h)
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), resample)
-    return img
+    return shorter_side_to(img, side, resample) if min(img.size) > side else img
 
 
 def upscaled(image: Image.Image, side: int = MIN_WORK_SIDE) -> Image.Image:
     """``image`` scaled up (bicubic, aspect kept) so its shorter side is at least ``side``; an image
     that large already is returned as it is."""
-    w, h = image.size
-    if min(w, h) >= side:
-        return image
-    f = side / min(w, h)
-    return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BICUBIC)
+    return image if min(image.size) >= side else shorter_side_to(image, side, Image.BICUBIC)
 
 
 def colour_grid(image: Image.Image, grid: int = COLOUR_GRID) -> np.ndarray:
@@ -196,10 +195,10 @@ def hash_settings() -> dict:
     """What the view codes and their matching depend on (shards and item indexes made under other
     settings are not reused)."""
     return {"hash": "phash+dhash", "views": list(VIEWS), "work_side": WORK_SIDE, "min_work_side": MIN_WORK_SIDE,
-            "window_scale": WINDOW_SCALE, "border_tolerance": BORDER_TOLERANCE, "border_max_fraction": BORDER_MAX_FRACTION,
-            "code_bytes": CODE_BYTES, "colour_grid": COLOUR_GRID, "chroma_offset": CHROMA_OFFSET,
-            "colour_bound": COLOUR_BOUND, "hash_margin": HASH_MARGIN, "tight_colour_bound": TIGHT_COLOUR_BOUND,
-            "luma_bound": LUMA_BOUND, "luma_eps": LUMA_EPS}
+            "window_scale": WINDOW_SCALE, "border_tolerance": BORDER_TOLERANCE,
+            "border_max_fraction": BORDER_MAX_FRACTION, "code_bytes": CODE_BYTES, "colour_grid": COLOUR_GRID,
+            "chroma_offset": CHROMA_OFFSET, "colour_bound": COLOUR_BOUND, "hash_margin": HASH_MARGIN,
+            "tight_colour_bound": TIGHT_COLOUR_BOUND, "luma_bound": LUMA_BOUND, "luma_eps": LUMA_EPS}
 
 
 @dataclass(frozen=True)
