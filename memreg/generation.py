@@ -14,12 +14,23 @@ import torch
 from PIL import Image
 
 from memreg.families import family_of
+from memreg.models import LORA_WEIGHT_NAME
 from memreg.score import pure_noise_latents
 
 
 def build_pipeline(components, unet=None):
     """The family's DDIM pipeline over ``components`` (``unet`` replaces ``components.unet``)."""
     return family_of(components).build_pipeline(components, unet)
+
+
+def load_lora_fused(pipe, lora_dir: str, weight_name: str = LORA_WEIGHT_NAME):
+    """Load a trained LoRA into ``pipe`` and merge it into the weights it adapts, for inference: the
+    modules are then plain layers again, which generate 1.4x faster on the demo's LoRA than the
+    adapter layers (README, "Where the time goes") and give the same images up to float rounding."""
+    pipe.load_lora_weights(lora_dir, weight_name=weight_name)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return pipe
 
 
 @torch.no_grad()

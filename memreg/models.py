@@ -17,6 +17,7 @@ from memreg.families.base import DTYPES, check_subfolders
 from memreg.families.sd import SD1Family
 
 SDComponents = Components   # the name the trainer and older callers use
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"   # a LoRA output dir's weights (diffusers' file name)
 REQUIRED_SUBFOLDERS = SD1Family.subfolders
 WEIGHT_SUBFOLDERS = SD1Family.weight_subfolders
 

@@ -13,6 +13,13 @@ images into 8 x 8 latents; ``@16`` is a VAE that keeps the side). Per shape and 
 Repetitions interleave the shapes, so a drift of the machine's speed hits every shape alike; it
 prints each median and its ratio to the first shape's (the demo's workers each run one thread:
 ``--threads 1``).
+
+Then, on the first shape, two choices the trainer and the demo make, each timed against the other
+in the same interleaved repetitions: a training step with torch's default AdamW (a loop over the
+tensors on CPU) against its fused kernel (what ``memreg.training.loop`` uses), and a sampling
+forward through the demo's rank-32 LoRA adapters (``configs/demo.yaml``'s modules) against the
+plain layers a LoRA is merged into for inference (``memreg.generation.load_lora_fused``: the same
+compute as the UNet without adapters).
 """
 
 from __future__ import annotations
@@ -51,8 +58,12 @@ def parse_shape(text: str) -> dict:
     return {"unet_channels": channels, "attention_levels": levels, "attention_head_dim": head, "sample_size": size}
 
 
-def train_step_s(unet, batch: int, steps: int) -> float:
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+LORA_MODULES = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2"]
+
+
+def train_step_s(unet, batch: int, steps: int, fused: bool | None = None) -> float:
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused)
     side = unet.config.sample_size
     x, e = torch.randn(batch, 4, side, side), torch.randn(batch, TOKENS, TEXT_DIM)
     t = torch.randint(0, 1000, (batch,))
@@ -111,7 +122,31 @@ def main(argv: list[str] | None = None) -> dict:
                 out.setdefault(name, {})[metric] = v
         print(f"{name:<16} {sum(p.numel() for p in unet.parameters()) / 1e6:6.2f}M  " + "  ".join(f"{c:>20}" for c in cells))
     print(f"(median of {args.reps} interleaved repetitions; speed-up against {first}, higher is faster)")
+    out["parts"] = parts(shapes[first], args.batches[0], args)
     return out
+
+
+def parts(kw: dict, batch: int, args) -> dict:
+    """The AdamW and LoRA comparisons of the module doc, on shape ``kw``."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = tiny_unet(cross_attention_dim=TEXT_DIM, **kw)
+    torch.manual_seed(0)
+    adapted = tiny_unet(cross_attention_dim=TEXT_DIM, **kw)
+    adapted.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=LORA_MODULES))
+    times: dict[str, list[float]] = {}
+    for _ in range(args.reps):
+        times.setdefault("per_tensor", []).append(train_step_s(unet, batch, args.steps))
+        times.setdefault("fused", []).append(train_step_s(unet, batch, args.steps, fused=True))
+        times.setdefault("adapters", []).append(sample_forward_s(adapted))
+        times.setdefault("merged", []).append(sample_forward_s(unet))
+    m = {k: statistics.median(v) for k, v in times.items()}
+    print(f"training step b{batch}, AdamW per tensor {m['per_tensor']:.3f}s, fused {m['fused']:.3f}s "
+          f"({m['per_tensor'] / m['fused']:.2f}x)")
+    print(f"sampling forward b{SAMPLE_BATCH}, rank-32 LoRA adapters {m['adapters']:.3f}s, merged {m['merged']:.3f}s "
+          f"({m['adapters'] / m['merged']:.2f}x)")
+    return m
 
 
 if __name__ == "__main__":

@@ -6,13 +6,22 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from memreg.testing import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_demo_unet.py"
 
 
-def test_shapes_are_parsed_and_bad_ones_named():
+@pytest.fixture
+def keep_threads():
+    """The script sets torch's thread count (--threads); later tests run with the session's own."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shapes_are_parsed_and_bad_ones_named(keep_threads):
     bench = load_script(SCRIPT)
     assert bench.parse_shape("32,64,64:2") == {"unet_channels": (32, 64, 64), "attention_levels": 2,
                                                 "attention_head_dim": 8, "sample_size": 8}
@@ -26,11 +35,13 @@ def test_shapes_are_parsed_and_bad_ones_named():
     assert exit_.value.code == 2
 
 
-def test_every_shape_gets_a_train_and_a_sample_time(capsys):
+def test_every_shape_gets_a_train_and_a_sample_time(capsys, keep_threads):
     bench = load_script(SCRIPT)
     out = bench.main(["--shapes", "32,64:1", "32,64,64:1@16", "--batches", "2", "--reps", "1", "--steps", "1"])
-    assert list(out) == ["32,64:1", "32,64,64:1@16"]
-    for metrics in out.values():
-        assert list(metrics) == ["train b2", f"sample b{bench.SAMPLE_BATCH}"]
-        assert all(math.isfinite(v) and v > 0 for v in metrics.values())
-    assert "speed-up against 32,64:1" in capsys.readouterr().out
+    assert list(out) == ["32,64:1", "32,64,64:1@16", "parts"]
+    for name in ("32,64:1", "32,64,64:1@16"):
+        assert list(out[name]) == ["train b2", f"sample b{bench.SAMPLE_BATCH}"]
+    assert list(out["parts"]) == ["per_tensor", "fused", "adapters", "merged"]
+    assert all(math.isfinite(v) and v > 0 for m in out.values() for v in m.values())
+    printed = capsys.readouterr().out
+    assert "speed-up against 32,64:1" in printed and "AdamW per tensor" in printed and "LoRA adapters" in printed

@@ -21,10 +21,9 @@ from memreg.attack.inputs import AttackInputError
 from memreg.attack.outputs import build_report
 from memreg.attack.runner import AttackSettings, Attacker, freeze_pipeline
 from memreg.attack.targets import Target
-from memreg.generation import build_pipeline
-from memreg.models import load_components
+from memreg.generation import build_pipeline, load_lora_fused
+from memreg.models import LORA_WEIGHT_NAME, load_components
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def check_lora(lora: str | None) -> None:
@@ -34,8 +33,8 @@ def check_lora(lora: str | None) -> None:
     p = Path(lora)
     if not p.is_dir():
         raise AttackInputError(f"--lora {lora!r}: no such directory")
-    if not (p / LORA_WEIGHTS).is_file():
-        raise AttackInputError(f"{p / LORA_WEIGHTS}: missing (--lora must be a LoRA output dir)")
+    if not (p / LORA_WEIGHT_NAME).is_file():
+        raise AttackInputError(f"{p / LORA_WEIGHT_NAME}: missing (--lora must be a LoRA output dir)")
 
 
 def load_pipeline(model: str, lora: str | None = None, device="cpu", dtype="float32"):
@@ -44,7 +43,7 @@ def load_pipeline(model: str, lora: str | None = None, device="cpu", dtype="floa
     comps = load_components(model, dtype=dtype, device=device)
     pipe = build_pipeline(comps)
     if lora is not None:
-        pipe.load_lora_weights(lora, weight_name=LORA_WEIGHTS)
+        load_lora_fused(pipe, lora)
     freeze_pipeline(pipe)
     return pipe
 

@@ -4,7 +4,8 @@ Layout written by ``build_demo_dataset(out_dir)``::
 
     out_dir/train/metadata.jsonl   imagefolder: file_name, caption, group ("duplicated" | "unique"), named
     out_dir/train/*.png
-    out_dir/heldout/metadata.jsonl fresh scenes from the same world (evaluation only)
+    out_dir/heldout/metadata.jsonl fresh scenes from the same world (evaluation only), naming no
+                                   coloured shape of a photo (:func:`photo_shapes_of`)
     out_dir/heldout/*.png
     out_dir/manifest.json          the knobs, the counts, the memorized captions and their paraphrases
 
@@ -96,6 +97,10 @@ class WorldConfig:
 WEB_GENERATOR = 2
 """The web world's generator version, part of its data cache key: bump it when the web rows or wordings
 written for the same settings change (a cached world of the old rule is then rebuilt, not reused)."""
+
+HELDOUT_GENERATOR = 2
+"""The held-out split's generator version, part of every world's data cache key (2: held-out captions
+name no photo's coloured shape, :func:`photo_shapes_of`)."""
 
 
 @dataclass
@@ -235,8 +240,10 @@ def split_wordings(named: dict, web: WebConfig, rng: np.random.Generator) -> tup
 
 # ---------------------------------------------------------------------------------------------- scenes
 
-def random_scene(rng: np.random.Generator, world: WorldConfig, forbidden_pairs: set = frozenset()) -> Scene:
-    """One scene and the part of it its caption names."""
+def random_scene(rng: np.random.Generator, world: WorldConfig, forbidden_pairs: set = frozenset(),
+                 forbidden_shapes: set = frozenset()) -> Scene:
+    """One scene and the part of it its caption names; it names no (colour, shape) of
+    ``forbidden_shapes`` (drawn among the others, uniformly, as the two independent draws would)."""
     colors, shapes = list(COLORS), list(SHAPES)
     background = colors[int(rng.integers(len(colors)))]
     main_colors = [c for c in colors if c != background]
@@ -245,8 +252,14 @@ def random_scene(rng: np.random.Generator, world: WorldConfig, forbidden_pairs: 
         named["position"] = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
     if rng.random() < world.p_background:
         named["background"] = background
-    c1 = main_colors[int(rng.integers(len(main_colors)))]
-    s1 = shapes[int(rng.integers(len(shapes)))]
+    if forbidden_shapes:
+        allowed = [(c, s) for c in main_colors for s in shapes if (c, s) not in forbidden_shapes]
+        if not allowed:
+            raise ValueError(f"every coloured shape on a {background} background is forbidden: too many photos")
+        c1, s1 = allowed[int(rng.integers(len(allowed)))]
+    else:   # the same draws as before the rule existed, so training scenes keep their bits
+        c1 = main_colors[int(rng.integers(len(main_colors)))]
+        s1 = shapes[int(rng.integers(len(shapes)))]
     named.update(color=c1, shape=s1)
     objects = []
     if "position" in named:
@@ -255,9 +268,10 @@ def random_scene(rng: np.random.Generator, world: WorldConfig, forbidden_pairs: 
     else:
         x, y = rng.uniform(0.25, 0.75, size=2)
     objects.append(Shape(s1, c1, float(x), float(y), float(rng.uniform(0.15, 0.21))))
-    if rng.random() < world.p_pair and "position" not in named:
-        others = [(c, s) for c in main_colors for s in shapes
-                  if c != c1 and s != s1 and pair_key((c1, s1), (c, s)) not in forbidden_pairs]
+    others = [(c, s) for c in main_colors for s in shapes
+              if c != c1 and s != s1 and pair_key((c1, s1), (c, s)) not in forbidden_pairs
+              and (c, s) not in forbidden_shapes]
+    if rng.random() < world.p_pair and "position" not in named and others:
         c2, s2 = others[int(rng.integers(len(others)))]
         named["pair"] = {"color": c2, "shape": s2}
         # the two shapes side by side, the named first one on the left or top
@@ -309,11 +323,11 @@ def render_scene(scene: Scene, resolution: int, rng: np.random.Generator) -> Ima
 
 
 def scene_rows(n: int, rng: np.random.Generator, world: WorldConfig, resolution: int, prefix: str, group: str,
-               forbidden_pairs: set) -> list[tuple[Image.Image, dict]]:
+               forbidden_pairs: set, forbidden_shapes: set = frozenset()) -> list[tuple[Image.Image, dict]]:
     """``n`` rendered scenes with their metadata rows (caption with synonyms drawn from ``rng``)."""
     rows = []
     for i in range(n):
-        scene = random_scene(rng, world, forbidden_pairs)
+        scene = random_scene(rng, world, forbidden_pairs, forbidden_shapes)
         caption = caption_of(scene.named, _surface_words(scene.named, rng, world.p_synonym))
         rows.append((render_scene(scene, resolution, rng),
                      {"file_name": f"{prefix}_{i:05d}.png", "caption": caption, "group": group,
@@ -368,6 +382,20 @@ def photo_variant(name: str, resolution: int, kind: str, rng: np.random.Generato
 
 def forbidden_pairs_of(targets: list[dict]) -> set:
     return {pair_key((t["color"], t["shape"]), (t["pair"]["color"], t["pair"]["shape"])) for t in targets}
+
+
+def shapes_named(named: dict) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption's ``named`` attributes name: one, or two with a pair."""
+    return {(named["color"], named["shape"])} | ({(named["pair"]["color"], named["pair"]["shape"])}
+                                                 if "pair" in named else set())
+
+
+def photo_shapes_of(targets: list[dict]) -> set[tuple[str, str]]:
+    """Every coloured shape a photo's caption names. A caption naming one of them is one of that
+    photo's partial wordings (the unseen wordings are such: "a circle and a black triangle"), and a
+    plain fine-tune's generations for it reach the photo: held-out captions, and the ordinary prompts
+    that calibrate the mitigation, name none of them (README, "The held-out captions")."""
+    return set().union(*(shapes_named(t) for t in targets)) if targets else set()
 
 
 def photo_rows(name: str, named: dict, cfg: DemoDataConfig) -> list[tuple[Image.Image, dict]]:
@@ -438,7 +466,7 @@ def build_demo_dataset(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig
             memorized.append(entry)
     train += scene_rows(cfg.n_unique, rng, cfg.world, cfg.resolution, "scene", "unique", forbidden)
     held = scene_rows(cfg.n_heldout, np.random.default_rng(cfg.seed + 2), cfg.world, cfg.resolution, "heldout",
-                      "heldout", forbidden)
+                      "heldout", forbidden, photo_shapes_of(targets))
     if cfg.web is not None:   # one column type for every row: a list of wordings
         for _, meta in train + held:
             meta.setdefault("captions", [meta["caption"]])

@@ -79,6 +79,7 @@ class FinalEvalSettings:
     loss_draws: int = 4
     heldout_vs_train: bool = True     # also the share of held-out generations that copy ANY training image (SSIM
                                       # against every distinct training image: about 17 s a run on 1 thread)
+    base_images_per_heldout: int = 2  # the world check: the base model's generations per held-out caption
     seed: int = 0
 
 
@@ -91,6 +92,19 @@ def _copy_hits(components, unet, detector, prompts: list[str], refs, owner: list
     sim = detector.similarity(detector.embed(imgs), refs)
     own = np.array([float(sim[i, owner[i]]) for i in range(len(imgs))])
     return imgs, own, own > detector.threshold
+
+
+def base_adherence(components, heldout: list[dict], s: FinalEvalSettings) -> dict:
+    """How well the model of ``components`` (the base) follows the held-out captions: adherence of
+    ``base_images_per_heldout`` generations for each of the first ``heldout_captions`` (seeds apart from
+    the fine-tunes' held-out generations). The world check: a base that cannot follow its captions
+    would make every adherence ratio of the guard meaningless."""
+    held = heldout[:s.heldout_captions]
+    k = s.base_images_per_heldout
+    prompts = [h["caption"] for h in held for _ in range(k)]
+    imgs = generate_images(components, prompts, [20_000 + s.seed + i for i in range(len(prompts))],
+                           num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=64)
+    return {"adherence": mean_adherence(imgs, [h["named"] for h in held for _ in range(k)]), "n": len(imgs)}
 
 
 def evaluate_model(components, unet, detector, memorized: list[dict], train_images: list[Image.Image],

@@ -2,8 +2,8 @@
 
 For each mode (``none``, ``wen``, ``score``) the model generates for every duplicated caption
 (``images_per_caption`` seeds) and for held-out captions, with the same seeds in every mode. τ for
-``wen`` and ``score`` is the 95th percentile of their criterion over *training* scene captions (no
-held-out caption is used to set it). Reported per mode: copy rate of duplicated captions (Wilson
+``wen`` and ``score`` is the ``flag_quantile`` of their criterion over *training* scene captions that name
+no photo's coloured shape (the ordinary prompts; no held-out caption is used to set it). Reported per mode: copy rate of duplicated captions (Wilson
 interval), fraction of duplicated / held-out captions flagged, held-out adherence, and the time per
 prompt (mitigation + generation) relative to an unmitigated generation.
 
@@ -11,7 +11,8 @@ prompt (mitigation + generation) relative to an unmitigated generation.
 calibration scores. Measured on the saved ``none`` fine-tunes of two data seeds (64 duplicated
 generations, 64 held-out captions): stopping at τ itself (0.95) left copy rates 0.36 (seed 0) and
 0.31 (seed 1) of 0.58 / 0.69; a target at the median 0.06 / 0.17; at the 25th percentile 0.06 /
-0.09. Flagging at 0.95 flagged 7.8% of seed 1's held-out captions, at 0.98 3.1%.
+0.09. Flagging at 0.95 flagged 7.8% of seed 1's held-out captions, at 0.98 3.1% (a held-out set that
+still held partial wordings of the photos: README, "The held-out captions name no photo's coloured shape").
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MODES = ("none", "wen", "score")
 class MitigationEvalSettings:
     images_per_caption: int = 8        # generations per duplicated caption, per mode
     heldout_captions: int = 64
-    calibration_captions: int = 128    # training scene captions that set tau and the target
+    calibration_captions: int = 128    # ordinary training scene captions that set tau and the target
     flag_quantile: float = 0.98        # tau: a prompt above it is adapted
     target_quantile: float = 0.25      # score's descent stops at or below this (wen keeps its own rule)
     num_inference_steps: int = 20

@@ -44,13 +44,14 @@ from PIL import Image
 from memreg import log_tags as tags
 from memreg.copy_detect import build_copy_detector
 from memreg.demo.attack import AttackEvalSettings, attack_targets_of, evaluate_attack, format_attack
-from memreg.demo.data import WEB_GENERATOR, DemoDataConfig, build_demo_dataset, pretrain_rows
-from memreg.demo.evaluate import FinalEvalSettings, evaluate_model, training_wordings
+from memreg.demo.data import (HELDOUT_GENERATOR, WEB_GENERATOR, DemoDataConfig, build_demo_dataset, photo_shapes_of,
+                              pretrain_rows, shapes_named)
+from memreg.demo.evaluate import FinalEvalSettings, base_adherence, evaluate_model, training_wordings
 from memreg.demo.mitigation import MitigationEvalSettings, evaluate_mitigation, format_mitigation, mitigation_targets
 from memreg.demo.tradeoff import plot_tradeoff
 from memreg.demo.vae import train_vae
 from memreg.detect import fit_weights
-from memreg.generation import build_pipeline
+from memreg.generation import build_pipeline, load_lora_fused
 from memreg.metrics import auroc
 from memreg.guards import GUARDS, guard_spec
 from memreg.guards.anisotropy_gate.config import AnisotropyGateConfig
@@ -187,9 +188,9 @@ def worlds_of(settings: dict) -> list[str]:
 
 
 def _data_fields(cfg: DemoDataConfig) -> dict:
-    """The data config's cache key fields: ``web`` and the web generator's version only when set, so the
-    first world's key is unchanged."""
-    fields_ = asdict(cfg)
+    """The data config's cache key fields: the held-out generator's version, and ``web`` with the web
+    generator's version only when set."""
+    fields_ = dict(asdict(cfg), heldout_generator=HELDOUT_GENERATOR)
     if fields_.get("web") is None:
         fields_.pop("web", None)
     else:
@@ -248,7 +249,7 @@ def prepare_base(settings: dict, cache: Path) -> Path:
     work = root.with_name(root.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    data_root = prepare_data({"data": _data_fields(data_cfg)}, cache)
+    data_root = prepare_data({"data": asdict(data_cfg)}, cache)
     init = build_tiny_sd(work / "init", sample_size=data_cfg.resolution // (2 if b.vae_downsample else 1),
                          unet_channels=tuple(b.unet_channels), vae_downsample=b.vae_downsample,
                          cross_attention_dim=b.cross_attention_dim, attention_levels=b.attention_levels,
@@ -385,7 +386,7 @@ def _load_model(base: Path, run_dir: Path):
         comps = load_components(str(run_dir))
     else:
         comps = load_components(str(base))
-        build_pipeline(comps).load_lora_weights(str(run_dir))
+        load_lora_fused(build_pipeline(comps), str(run_dir))
     return comps
 
 
@@ -449,8 +450,8 @@ def _world_targets(runs: dict, detection: dict, world: str) -> list[tuple]:
         auc = float("nan") if auc is None else auc
         rows.append((f"{prefix}detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs "
                      "held-out >= 0.95", auc, auc >= 0.95))
-        v = runs["none"]["adherence"]
-        rows.append((f"{prefix}none follows held-out captions: adherence >= 0.8", v, v >= 0.8))
+        v = runs["none"].get("base_adherence", {}).get("adherence", float("nan"))
+        rows.append((f"{prefix}the base follows held-out captions: adherence >= 0.8", v, v >= 0.8))
     baselines = [b for b in BASELINES if b in runs]
     for name, r in runs.items():
         if r["guard"] == "anisotropy_gate" and (r.get("weight") or 0) == 0:
@@ -542,9 +543,15 @@ def _detection_lines(d: dict) -> list[str]:
     return out
 
 
+def _base_line(runs: dict) -> list[str]:
+    b = runs.get("none", {}).get("base_adherence")
+    return [f"the base model on the held-out captions: adherence {b['adherence']:.3f} ({b['n']} generations; "
+            f"'none' {runs['none']['adherence']:.3f})"] if b else []
+
+
 def format_table(results: dict) -> str:
     out = _runs_table(results["runs"], COPY_LABELS["studio"]) + _detection_lines(results["detection_none"]) \
-        if results["runs"] else []
+        + _base_line(results["runs"]) if results["runs"] else []
     if results.get("mitigation_none"):
         out += ["", "inference-time mitigation on 'none' (memreg generate --mitigate ...):",
                 format_mitigation(results["mitigation_none"])]
@@ -554,7 +561,7 @@ def format_table(results: dict) -> str:
         out += ["", "web world (several wordings and near-duplicate copies per photo; unseen wordings asked at "
                 "evaluation only):"]
         out += _runs_table(results["web"]["runs"], COPY_LABELS["web"])
-        out += _detection_lines(results["web"]["detection_none"])
+        out += _detection_lines(results["web"]["detection_none"]) + _base_line(results["web"]["runs"])
     out.append("")
     for t in results["targets"]:
         value = "n/a (0/0)" if np.isnan(t["value"]) else f"{t['value']:.3f}"
@@ -575,7 +582,8 @@ def _save_images(images: dict, path: Path) -> None:
 
 def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], list[str]]:
     """(every training image, the memorized captions with paraphrases and photo, held-out rows with
-    images, the training scene captions)."""
+    images, the training scene captions that name no photo's coloured shape: the ordinary prompts,
+    :func:`~memreg.demo.data.photo_shapes_of`)."""
     def rows(split):
         return [json.loads(x) for x in (data_root / split / "metadata.jsonl").read_text().splitlines()]
 
@@ -586,7 +594,9 @@ def load_eval_inputs(data_root: Path) -> tuple[list, list[dict], list[dict], lis
     manifest = json.loads((data_root / "manifest.json").read_text())
     memorized = [dict(m, image=photo_of[m["source"]]) for m in manifest["memorized"]]
     heldout = [dict(h, image=Image.open(data_root / "heldout" / h["file_name"]).convert("RGB")) for h in rows("heldout")]
-    scene_captions = [r["caption"] for r in train if r["group"] != "duplicated"]
+    photo_shapes = photo_shapes_of([m["named"] for m in manifest["memorized"]])
+    scene_captions = [r["caption"] for r in train
+                      if r["group"] != "duplicated" and not shapes_named(r["named"]) & photo_shapes]
     return list(images.values()), memorized, heldout, scene_captions
 
 
@@ -634,11 +644,24 @@ def mitigate_none(settings: dict, name: str, base: Path, data_root: Path, out: P
                                MitigationEvalSettings(**settings["mitigation"]))
 
 
+def base_adherence_one(settings: dict, name: str, base: Path, data_root: Path, out: Path,
+                       threads: int | None = None) -> dict:
+    """The world check's adherence (:func:`~memreg.demo.evaluate.base_adherence`) of the base model,
+    on the held-out captions of the world of run ``name``."""
+    if threads:
+        torch.set_num_threads(threads)
+    _, _, heldout, _ = load_eval_inputs(data_root)
+    return base_adherence(load_components(str(base)), heldout, FinalEvalSettings(**settings["final"]))
+
+
 def follow_ups(settings: dict, name: str) -> list[tuple[str, Callable]]:
-    """What runs on run ``name``'s model once it is trained: (result key, task) pairs."""
+    """What runs once run ``name``'s model is trained: (result key, task) pairs. Behind ``none``: the
+    base model's adherence (the world check) and, where configured, the mitigation."""
     tasks = [("attack", attack_one)] if name in AttackEvalSettings(**settings["attack"]).runs else []
-    return tasks + ([("mitigation", mitigate_none)] if name == "none" and settings.get("mitigation") is not None
-                    else [])
+    if name != "none":
+        return tasks
+    return tasks + [("base_adherence", base_adherence_one)] + (
+        [("mitigation", mitigate_none)] if settings.get("mitigation") is not None else [])
 
 
 def _worker_init() -> None:

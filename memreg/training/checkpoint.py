@@ -51,11 +51,11 @@ from safetensors.torch import load_file, save_file
 
 from memreg.errors import DiskFullError, MemregError, is_disk_full, one_line
 from memreg.families import family_named, family_of
+from memreg.models import LORA_WEIGHT_NAME
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 COMPLETE_MARKER = "checkpoint_complete.json"   # written last; lists every file with its size and sha256
 TMP_TAG = ".tmp-"                              # checkpoint-<step>.tmp-<pid>: a save in progress

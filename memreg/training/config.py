@@ -70,6 +70,7 @@ class TrainConfig:
     center_crop: bool = False
     random_flip: bool = False
     cache_latents: bool = False
+    cache_text_embeddings: int = 0        # keep this many captions' frozen text-encoder outputs (0: encode each step)
     dataloader_num_workers: int = 0
     cache_dir: Union[str, None] = None
     allow_external_files: bool = False      # let metadata.jsonl name files outside train_data_dir (../, symlinks)
@@ -216,6 +217,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
     if cfg.train_text_encoder and cfg.mode == "full" and cfg.use_ema:
         raise ConfigError("use_ema keeps an EMA of the UNet only; it cannot be combined with train_text_encoder")
+    if cfg.cache_text_embeddings and cfg.train_text_encoder:
+        raise ConfigError("cache_text_embeddings keeps a frozen text encoder's outputs; it cannot be combined "
+                          "with train_text_encoder")
     if cfg.dataset_name is None and cfg.train_data_dir is None:
         raise ConfigError("give a dataset: set train_data_dir (an imagefolder with metadata.jsonl) or dataset_name")
     if cfg.dataset_name is not None and cfg.train_data_dir is not None:
@@ -273,7 +277,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value} must be {rule}")
-    for key in ("lr_warmup_steps", "dataloader_num_workers"):
+    for key in ("lr_warmup_steps", "dataloader_num_workers", "cache_text_embeddings"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
 

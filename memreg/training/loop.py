@@ -48,6 +48,7 @@ from memreg.training.item_clusters import build_item_index, cache_root
 from memreg.training.metrics import StepTimer, peak_memory_mb
 from memreg.training.output_dir import claim_output_dir
 from memreg.training.setup import check_prediction_type, clip_trainable_grads, move_model, setup_models
+from memreg.training.text_cache import TextEmbeddingCache
 
 logger = logging.getLogger("memreg.train")
 
@@ -158,6 +159,7 @@ class _Run:
     global_step: int = 0
     first_epoch: int = 0
     skip_batches: int = 0
+    text_cache: TextEmbeddingCache | None = None   # cache_text_embeddings > 0: the frozen encoder's outputs
     monitor: Any = None
 
     _records: list | None = field(default=None, init=False, repr=False)
@@ -297,14 +299,23 @@ def _guard_context(run: _Run) -> GuardContext:
                                                         index=run.dup_index()))
 
 
+def _fused_adam(params: list[torch.Tensor]) -> bool | None:
+    """True where torch has a fused AdamW kernel for every parameter (floating point, on CPU or CUDA):
+    on CPU torch's default is a loop over the tensors, 5x slower on the demo's UNet (README, "Where
+    the time goes"). None (torch's own choice) otherwise."""
+    ok = params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
+
+
 def _prepare(run: _Run) -> None:
     """Optimizer, LR schedule, ``accelerator.prepare``, step counts and checkpoint hooks."""
     cfg, acc, m = run.cfg, run.accelerator, run.models
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
-    optimizer = torch.optim.AdamW(m.trainable_params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    params = list(m.trainable_params)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=_fused_adam(params))
     per_epoch = math.ceil(len(run.dataloader) / acc.num_processes / cfg.gradient_accumulation_steps)
     run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * max(per_epoch, 1)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
@@ -321,6 +332,9 @@ def _prepare(run: _Run) -> None:
             m.unet, optimizer, run.dataloader, lr_scheduler)
         run.te_p = m.text_encoder if len(m.text_encoders) == 1 else tuple(m.text_encoders)
         run.trained_models = [run.unet_p]
+        if cfg.cache_text_embeddings:
+            run.text_cache = TextEmbeddingCache(lambda caps: run.encoder(caps, model=run.te_p),
+                                                cfg.cache_text_embeddings)
     run.per_epoch = math.ceil(len(run.dataloader) / cfg.gradient_accumulation_steps)
     run.num_epochs = math.ceil(run.max_steps / run.per_epoch)
     ckpt.register_hooks(acc, cfg.mode, m.unet, m.text_encoder if m.train_text_encoder else None, m.ema,
@@ -589,8 +603,11 @@ def _micro_step(run: _Run, batch) -> _MicroOut:
     m, guard, step = run.models, run.guard, run.global_step
     latents, noise, timesteps, noisy = _noisy_latents(batch, m, noise_offset=run.cfg.noise_offset)
     captions = guard.captions(list(batch["caption"]))
-    with nullcontext() if m.train_text_encoder else torch.no_grad():
-        embeds = run.encoder(captions, model=run.te_p)
+    if run.text_cache is not None:
+        embeds = run.text_cache(captions)
+    else:
+        with nullcontext() if m.train_text_encoder else torch.no_grad():
+            embeds = run.encoder(captions, model=run.te_p)
     embeds = guard.embeds(embeds)
     if run.prediction_type == "epsilon":
         target = noise

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from memreg.demo.data import (SYNONYMS, DemoDataConfig, WorldConfig, build_demo_dataset, caption_of, paraphrases,
-                              pretrain_rows)
+                              photo_shapes_of, pretrain_rows, random_scene, shapes_named)
 
 CFG = DemoDataConfig(seed=3, n_dup=3, dup_copies=5, n_unique=60, n_heldout=12, resolution=16)
 
@@ -88,6 +88,40 @@ def test_heldout_images_are_new_and_captions_are_scene_captions(demo):
     assert not train_hashes & {_pixel_hash(demo / "heldout" / r["file_name"]) for r in held}
     dup_caps = {r["caption"] for r in train if r["group"] == "duplicated"}
     assert not dup_caps & {r["caption"] for r in held}
+
+
+def test_heldout_captions_name_no_coloured_shape_of_a_photo(demo):
+    manifest = json.loads((demo / "manifest.json").read_text())
+    photo_shapes = photo_shapes_of([m["named"] for m in manifest["memorized"]])
+    assert len(photo_shapes) >= 4      # 3 photos, two coloured shapes each (they may share one)
+    held = _rows(demo / "heldout")
+    assert all(not shapes_named(r["named"]) & photo_shapes for r in held)
+    # the rule is held-out's only: training scenes still name the photos' coloured shapes
+    train = [r for r in _rows(demo / "train") if r["group"] == "unique"]
+    assert any(shapes_named(r["named"]) & photo_shapes for r in train)
+
+
+def test_shapes_named_and_photo_shapes_by_hand():
+    a = {"color": "red", "shape": "square", "pair": {"color": "white", "shape": "cross"}}
+    b = {"color": "red", "shape": "square", "pair": {"color": "blue", "shape": "circle"}}
+    assert shapes_named({"color": "red", "shape": "square"}) == {("red", "square")}
+    assert photo_shapes_of([a, b]) == {("red", "square"), ("white", "cross"), ("blue", "circle")}
+    assert photo_shapes_of([]) == set()
+
+
+def test_a_scene_without_forbidden_shapes_keeps_its_draws():
+    """The held-out rule draws differently only where it applies: training scenes keep their bits."""
+    world = WorldConfig(p_pair=0.5)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    plain = [random_scene(rng_a, world) for _ in range(20)]
+    again = [random_scene(rng_b, world, forbidden_shapes=set()) for _ in range(20)]
+    assert [(x, x.named) for x in plain] == [(x, x.named) for x in again]
+    every = {(c, s) for c in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+             for s in ("circle", "square", "triangle")}
+    rng = np.random.default_rng(0)
+    for _ in range(50):       # only crosses are left, so no scene can name a second shape
+        n = random_scene(rng, world, forbidden_shapes=every).named
+        assert n["shape"] == "cross" and "pair" not in n
 
 
 def test_naming_probabilities_are_respected():

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memreg.demo.run import (dominates, final_detection, load_settings, plain_run_of, ratio, run_demo, run_overrides,
@@ -44,6 +45,9 @@ def test_results_have_every_field(quick_demo):
         assert 0.0 <= run["adherence"] <= 1.0 and run["heldout_loss"] > 0
         assert 0.0 <= run["heldout_any_train_over_threshold"] <= 1.0    # quick turns heldout_vs_train on
     assert {"norm", "align", "score", "groups_start", "groups_end"} <= set(saved["detection_none"])
+    base = saved["runs"]["none"]["base_adherence"]     # the world check: the base on the held-out captions
+    assert 0.0 <= base["adherence"] <= 1.0 and base["n"] == 2 * settings["final"]["heldout_captions"]
+    assert saved["web"]["runs"]["none"]["base_adherence"] == base   # same base, held-out set and seeds
     assert set(saved["mitigation_none"]) == {"none", "wen", "score"}
     for mode, m in saved["mitigation_none"].items():
         assert {"tau", "copy_exact", "dup_flagged", "heldout_flagged", "adherence", "time_x"} <= set(m)
@@ -87,7 +91,8 @@ def _guarded(*args, **kw):
 
 
 def test_targets_are_computed_from_the_numbers():
-    runs = {"none": _run(0.6, 0.5, 1.0, 0.9), "penalty": _guarded(0.1, 0.2, 1.06, 0.9, 1.2),
+    runs = {"none": dict(_run(0.6, 0.5, 1.0, 0.7), base_adherence={"adherence": 0.82, "n": 256}),
+            "penalty": _guarded(0.1, 0.2, 1.06, 0.9, 1.2),
             "agc": _run(0.1, 0.1, 1.0, 0.9, guard="agc"), "lora_none": _run(0.2, 0.1, 1.0, 0.9, mode="lora"),
             "penalty_w0.3": _run(0.0, 0.0, 1.0, 0.9, guard="anisotropy_gate", weight=0.3)}
     results = {"runs": runs, "detection_none": {"norm": 0.97, "align": 0.3, "score": 0.96}, "wall_s": 1600}
@@ -95,7 +100,7 @@ def test_targets_are_computed_from_the_numbers():
     assert got["none memorizes: copy rate (exact) >= 0.5"] is True
     assert got["lora_none memorizes: copy rate (exact) >= 0.3"] is False
     assert got["detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs held-out >= 0.95"] is True
-    assert got["none follows held-out captions: adherence >= 0.8"] is True
+    assert got["the base follows held-out captions: adherence >= 0.8"] is True   # the base's 0.82, not none's 0.7
     assert got["penalty copy rate (exact) <= 1/5 of none's"] is True          # 0.1 <= 0.12
     assert got["penalty copy rate (paraphrased) <= 1/5 of none's"] is False   # 0.2 > 0.1
     assert got["penalty held-out loss <= 1.05x none's"] is False
@@ -117,6 +122,8 @@ def test_web_targets_use_their_own_plain_runs_and_labels():
     assert got["web: none memorizes: copy rate (training wordings) >= 0.3"] == (0.5, True)
     assert got["web: lora_none memorizes: copy rate (training wordings) >= 0.2"] == (0.3, True)
     assert got["web: detection at the end of none, paper's SD1 score (g1=1, g2=2), AUC memorized vs held-out >= 0.95"][1]
+    value, ok = got["web: the base follows held-out captions: adherence >= 0.8"]   # not measured: a MISS
+    assert np.isnan(value) and not ok
     # penalty_augment against none_augment: 0.1 / 0.4 = 0.25 > 0.2; unseen 0.01 / 0.2 = 0.05
     assert got["web: penalty_augment copy rate (training wordings) <= 1/5 of none_augment's"] == (0.25, False)
     assert got["web: penalty_augment copy rate (unseen wordings) <= 1/5 of none_augment's"] == (pytest.approx(0.05), True)

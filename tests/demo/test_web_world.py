@@ -106,9 +106,13 @@ def test_variant_kinds_and_bad_knobs():
         WebConfig(train_wordings=0)
 
 
-def test_the_web_worlds_cache_key_names_its_generator_and_the_first_worlds_does_not(monkeypatch):
+def test_the_cache_keys_name_the_generators_of_their_world(monkeypatch):
     studio = CFG.base_world()
-    assert run._data_fields(studio) == {k: v for k, v in asdict(studio).items() if k != "web"}   # key unchanged
-    before = run._key(run._data_fields(CFG))
+    assert run._data_fields(studio) == {**{k: v for k, v in asdict(studio).items() if k != "web"},
+                                        "heldout_generator": run.HELDOUT_GENERATOR}
+    before, before_studio = run._key(run._data_fields(CFG)), run._key(run._data_fields(studio))
     monkeypatch.setattr(run, "WEB_GENERATOR", run.WEB_GENERATOR + 1)
     assert run._key(run._data_fields(CFG)) != before             # a new generator rebuilds the web world
+    assert run._key(run._data_fields(studio)) == before_studio   # ... and only it
+    monkeypatch.setattr(run, "HELDOUT_GENERATOR", run.HELDOUT_GENERATOR + 1)
+    assert run._key(run._data_fields(studio)) != before_studio   # a new held-out rule rebuilds both

@@ -61,6 +61,25 @@ def test_lora_output_loads_into_a_fresh_pipeline_and_changes_it(plain_run, tiny_
     assert np.abs(after - before).max() > 1e-4
 
 
+def test_lora_fused_for_inference_gives_the_adapters_images_with_plain_layers(plain_run, tiny_sd_eps):
+    from diffusers import StableDiffusionPipeline
+
+    from memreg.generation import load_lora_fused
+
+    out, _ = plain_run
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    adapters = StableDiffusionPipeline.from_pretrained(str(tiny_sd_eps), safety_checker=None)
+    adapters.load_lora_weights(str(out))
+    fused = load_lora_fused(StableDiffusionPipeline.from_pretrained(str(tiny_sd_eps), safety_checker=None), str(out))
+    assert not any("lora" in name for name, _ in fused.unet.named_modules())
+    assert np.abs(sample(fused) - sample(adapters)).max() < 1e-4
+
+
 def test_kohya_copy_has_lora_unet_keys_and_the_real_alpha(tiny_sd_eps, tiny_data, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file

@@ -385,3 +385,11 @@ def test_agc_resumes_exactly(tiny_sd_eps, tiny_data, tmp_path):
     assert torch.equal(straight.guard.avg, resumed.guard.avg) and int((straight.guard.avg > 0).sum()) >= 8
     assert _max_abs_diff(lora_weights(tmp_path / "straight"), lora_weights(tmp_path / "killed")) == 0.0
     assert all(0.0 <= log["guard/agc_kept_frac"] <= 1.0 for log in straight.logs)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel():
+    from memreg.training import loop
+
+    assert loop._fused_adam([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]) is True
+    assert loop._fused_adam([torch.nn.Parameter(torch.zeros(3, device="meta"))]) is None   # torch's own choice
+    assert loop._fused_adam([]) is None
