@@ -5,21 +5,27 @@ For each prompt (row of ``prompt_embeds`` c, with the empty prompt's embedding u
 * **score** (the anisotropy paper's rule, driven by memreg's own metric): the criterion is the
   anisotropy score ``g1·norm + g2·align`` (``memreg.score.AnisotropyScore``) on pure-noise latents
   x_T, averaged over ``draws`` draws. Step 0 scores the prompt; at or below τ the embedding is
-  returned bit-identical. Otherwise AdamW descends the score w.r.t. the token embeddings on
-  *fresh* noise draws each step, and the prompt stops as soon as its score is at or below the
-  stop threshold ``target`` (default τ), or after ``max_steps`` updates. A target under τ (e.g.
-  the median of ordinary prompts, ``calibrate_thresholds``) moves a flagged prompt into the
-  ordinary range instead of leaving it at the edge of the memorized one.
+  returned bit-identical. Otherwise AdamW (lr 0.1, at most 20 updates) descends the score w.r.t.
+  the token embeddings on *fresh* noise draws each step, and the prompt stops once its score is at
+  or below the stop threshold ``target`` (default τ) on ``stop_streak`` (2) evaluations in a row, or
+  after ``max_steps`` updates. A target under τ (e.g. the 25th percentile of ordinary prompts,
+  ``calibrate_thresholds``) moves a flagged prompt into the ordinary range instead of leaving it at
+  the edge of the memorized one. Each evaluation is an estimate on new draws, so one alone can fall
+  under the target by chance while the prompt still reaches its training image: two in a row are
+  asked for. The step size and budget are set so that flagged prompts reach the target (Wen's 0.05
+  and 10 updates left most descents above it, and those prompts kept copying: README, "Generate
+  safely").
 * **wen** (Wen et al., ICLR'24, ``aug_prompt`` of github.com/YuxinWenRick/diffusion_memorization):
   the criterion is ``||eps(x_T, t_1, c) - eps(x_T, t_1, u)||_2`` at the first DDIM timestep t_1
   of the generation, on the *generation's own* starting noise x_T (the same every iteration);
-  AdamW (lr 0.05, 10 iterations) with early stop once the loss is at or below the target loss τ.
+  AdamW (lr 0.05, 10 iterations) with early stop once the loss is at or below the target loss τ
+  (one evaluation: the noise is fixed, so a value under τ is not chance).
   Differences from their code: the loss is per image (theirs is one norm over the
   ``num_images_per_prompt`` images of a prompt), v-prediction outputs are converted to eps, and
   BOS stays exactly fixed (theirs zeroes its gradient but lets AdamW's weight decay shrink it).
 * **none**: the embeddings are returned as they are.
 
-Both methods share one loop (``_descend``): one UNet call per step for all prompts still running
+Both methods share one loop (``descend``): one UNet call per step for all prompts still running
 (stopped prompts leave the batch), each prompt its own parameter in one AdamW (elementwise, so a
 prompt's trajectory does not depend on the others'), and noise from a per-prompt CPU generator
 seeded with that prompt's seed: results do not depend on batch composition or device.
@@ -49,6 +55,11 @@ from memreg.score import AnisotropyScore, ddim_timesteps, guidance_norm, make_sc
 
 MODES = ("none", "wen", "score")
 CRITERIA = {"none": None, "wen": "wen_guidance_norm", "score": "anisotropy_score"}
+# (max_steps, lr, stop_streak) of each mode's descent where the config leaves them unset: wen keeps
+# Wen et al.'s published rule (10 iterations at lr 0.05, stop at the first loss at or below tau);
+# score takes steps twice as large and twice as many and stops on two evaluations in a row at or
+# below its target (module doc). ``none`` does not descend.
+DESCENT_DEFAULTS = {"none": (0, None, 1), "wen": (10, 0.05, 1), "score": (20, 0.1, 2)}
 
 
 @dataclass
@@ -57,8 +68,11 @@ class MitigationConfig:
 
     tau: threshold (score) or target loss (wen) that flags a prompt; ``calibrate_tau`` computes one.
     target: where a flagged prompt's descent stops (default ``tau``); must be <= tau.
-    max_steps / lr / weight_decay: the AdamW descent (Wen et al.: 10 iterations, lr 0.05,
-        torch's default weight decay 0.01); the same defaults serve ``score``.
+    max_steps / lr / weight_decay: the AdamW descent. Weight decay: torch's default 0.01.
+    stop_streak: evaluations in a row at or below the stop (``target``) after which a flagged
+        prompt stops. Unset (None), max_steps, lr and stop_streak are the mode's ``DESCENT_DEFAULTS``
+        (wen: Wen et al.'s 10 iterations at lr 0.05, streak 1; score: 20 at lr 0.1, streak 2), and
+        ``check`` returns the config with them filled in.
     draws: pure-noise draws per prompt and step for the score. One draw is noisy: on a pilot of the
         demo's ``none`` fine-tune (τ = 95th percentile of held-out captions) 1 draw flagged 4 of 8
         duplicated captions, 4 draws flagged 8 of 8, both flagging <= 5% of other held-out captions.
@@ -71,8 +85,9 @@ class MitigationConfig:
     mode: str = "score"
     tau: float | None = None
     target: float | None = None
-    max_steps: int = 10
-    lr: float = 0.05
+    max_steps: int | None = None
+    lr: float | None = None
+    stop_streak: int | None = None
     weight_decay: float = 0.01
     draws: int = 4
     preset: str | None = None
@@ -84,18 +99,24 @@ class MitigationConfig:
     move_padding: bool = True
 
     def check(self) -> "MitigationConfig":
+        """The validated config, with max_steps and lr that were left unset filled in from the
+        mode's ``DESCENT_DEFAULTS`` (a copy: a config can be checked again for another mode)."""
         if self.mode not in MODES:
             raise ValueError(f"mitigation mode must be one of {MODES}, got {self.mode!r}")
-        if self.max_steps < 0 or self.draws < 1 or self.num_inference_steps < 1:
-            raise ValueError(f"need max_steps >= 0, draws >= 1, num_inference_steps >= 1; got {self.max_steps}, "
-                             f"{self.draws}, {self.num_inference_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        steps, lr, streak = DESCENT_DEFAULTS[self.mode]
+        done = replace(self, max_steps=steps if self.max_steps is None else self.max_steps,
+                       lr=lr if self.lr is None else self.lr,
+                       stop_streak=streak if self.stop_streak is None else self.stop_streak)
+        if done.max_steps < 0 or done.draws < 1 or done.num_inference_steps < 1 or done.stop_streak < 1:
+            raise ValueError(f"need max_steps >= 0, draws >= 1, num_inference_steps >= 1, stop_streak >= 1; got "
+                             f"{done.max_steps}, {done.draws}, {done.num_inference_steps}, {done.stop_streak}")
+        if done.mode != "none" and not done.lr > 0:
+            raise ValueError(f"lr must be > 0, got {done.lr}")
         if self.target is not None and self.tau is not None and self.target > self.tau:
             raise ValueError(f"target ({self.target}) must be <= tau ({self.tau}): a prompt stops below where it is flagged")
         if (self.g1 is None) != (self.g2 is None):
             raise ValueError("give both g1 and g2, or neither")
-        return self
+        return done
 
 
 @dataclass
@@ -222,7 +243,7 @@ def mitigate_prompt_embeds(unet, scheduler, cond: Tensor, uncond: Tensor, seeds:
     mask = default_learnable(cond) if learnable is None else learnable.bool().clone()
     mask[:, 0] = False
     objective = make_objective(unet, scheduler, uncond, seeds, config, latent_size)
-    embeds, records = _descend(objective, cond, mask.to(cond.device), config)
+    embeds, records = descend(objective, cond, mask.to(cond.device), config)
     return MitigationResult(embeds, _label(records, prompts, seeds))
 
 
@@ -230,11 +251,14 @@ def _label(records: list[MitigationRecord], prompts, seeds) -> list[MitigationRe
     return [replace(r, prompt=None if prompts is None else prompts[i], seed=seeds[i]) for i, r in enumerate(records)]
 
 
-def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) -> tuple[Tensor, list[MitigationRecord]]:
-    """The shared loop: step k evaluates the running prompts (one UNet call); a prompt at or below
-    tau at step 0 is not flagged and stops; a flagged one stops at or below target or at
-    k == max_steps; the others take one AdamW step. The token embeddings move; a family's added
-    conditioning (SDXL's pooled embedding and time ids) stays as encoded."""
+def descend(objective, cond: Tensor, mask: Tensor,
+            config: MitigationConfig) -> tuple[Tensor, list[MitigationRecord]]:
+    """The loop both modes share (public so a criterion of one's own can use it): ``objective(embeds
+    (A, L, D), rows) -> (A,)`` gives the values of the running rows. Step k evaluates the running
+    prompts (one UNet call); a prompt at or below tau at step 0 is not flagged and stops; a flagged
+    one stops once stop_streak evaluations in a row are at or below target, or at k == max_steps;
+    the others take one AdamW step. ``config``: a checked MitigationConfig. The token embeddings
+    move; a family's added conditioning (SDXL's pooled embedding and time ids) stays as encoded."""
     b, tau = cond.shape[0], float(config.tau)
     stop = tau if config.target is None else float(config.target)
     template, cond = cond, embeds_of(cond)
@@ -242,6 +266,7 @@ def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) ->
     params = [base[i:i + 1].clone().requires_grad_(True) for i in range(b)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     before, after, steps, secs = [0.0] * b, [0.0] * b, [0] * b, [0.0] * b
+    streak = [0] * b      # evaluations in a row at or below the stop
     active = list(range(b))
     for k in range(config.max_steps + 1):
         t0 = time.perf_counter()
@@ -249,7 +274,10 @@ def _descend(objective, cond: Tensor, mask: Tensor, config: MitigationConfig) ->
             emb = torch.cat([torch.where(mask[i:i + 1, :, None], params[i], base[i:i + 1]) for i in active])
             values = objective(with_embeds(template[active], emb), active)
             vals = values.detach().float().cpu().tolist()
-            keep = [j for j, v in enumerate(vals) if v > (tau if k == 0 else stop) and k < config.max_steps]
+            for j, i in enumerate(active):
+                streak[i] = streak[i] + 1 if k > 0 and vals[j] <= stop else 0
+            running = [vals[j] > tau if k == 0 else streak[i] < config.stop_streak for j, i in enumerate(active)]
+            keep = [j for j in range(len(active)) if running[j] and k < config.max_steps]
             if keep:
                 grads = torch.autograd.grad(values[keep].sum(), [params[active[j]] for j in keep])
         for j, i in enumerate(active):

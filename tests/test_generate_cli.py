@@ -48,6 +48,8 @@ def test_generate_happy_path(score_run):
     settings = json.loads((out / "settings.json").read_text())
     tau, target = settings["config"]["tau"], settings["config"]["target"]
     assert target <= tau and settings["tau_quantile"] == 0.5 and settings["target_quantile"] == 0.0
+    # the budget given, the score's own step size where --lr is not: settings.json records what ran
+    assert [settings["config"][k] for k in ("max_steps", "lr", "stop_streak")] == [2, 0.1, 2]
     for r in rows:
         assert set(r) >= {"flagged", "score_before", "score_after", "steps", "seconds", "image"}
         assert r["flagged"] == (r["score_before"] > tau) and r["tau"] == tau and 0 <= r["steps"] <= 2
@@ -80,6 +82,8 @@ def test_generate_none_and_wen(tmp_path, tiny_sd_eps, files):
             assert all(not r["flagged"] and r["score_before"] is None for r in rows)
         else:  # target loss 0: every prompt is flagged and runs its budget
             assert all(r["flagged"] and r["steps"] == 1 and r["criterion"] == "wen_guidance_norm" for r in rows)
+            config = json.loads((out / "settings.json").read_text())["config"]
+            assert (config["lr"], config["stop_streak"]) == (0.05, 1)          # Wen et al.'s rule
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from memreg.encoding import PromptEncoder
 from memreg.generation import build_pipeline, generate_images, initial_latents
-from memreg.mitigate import (MitigationConfig, calibrate_tau, default_learnable, generate_mitigated,
+from memreg.mitigate import (MitigationConfig, calibrate_tau, default_learnable, descend, generate_mitigated,
                              mitigate_pipeline_prompts, mitigate_prompt_embeds)
 from memreg.score import AnisotropyScore, ddim_timesteps, pure_noise_latents
 
@@ -232,6 +233,58 @@ def test_generate_mitigated_none_equals_generate_images(eps_components):
                                                                                        num_inference_steps=4))
     assert len(mit.images) == 3 and all(r.steps == 1 for r in mit.records)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mit.images, ref))
+
+
+def test_descent_defaults_follow_the_mode_and_given_values_stay(planted):
+    # wen keeps the published rule (10 iterations at lr 0.05, stop at the first loss under tau); score
+    # takes 20 at lr 0.1 and stops on two evaluations in a row; none does not descend
+    def descent(c):
+        return c.max_steps, c.lr, c.stop_streak
+    assert descent(MitigationConfig(mode="wen").check()) == (10, 0.05, 1)
+    score = MitigationConfig(mode="score")
+    assert descent(score.check()) == (20, 0.1, 2)
+    assert descent(score) == (None, None, None)                 # check() fills a copy
+    assert descent(replace(score, mode="wen").check()) == (10, 0.05, 1)   # so one config serves another mode
+    assert MitigationConfig(mode="none").check().max_steps == 0
+    assert descent(MitigationConfig(mode="wen", max_steps=3, lr=0.2, stop_streak=3).check()) == (3, 0.2, 3)
+    with pytest.raises(ValueError, match="stop_streak >= 1"):
+        MitigationConfig(stop_streak=0).check()
+    # the defaults are what the descent runs: a prompt that never reaches tau stops after 20 updates
+    unet, sched, c_mem, uncond, _ = planted
+    res = mitigate_prompt_embeds(unet, sched, c_mem, uncond, [0], MitigationConfig(tau=-1e9, draws=1))
+    assert res.records[0].steps == 20
+
+
+class ScriptedObjective:
+    """Criterion values fixed by hand, one list per prompt and step (the embedding enters with weight 0,
+    so the descent has a graph to differentiate); records the rows evaluated at each step."""
+
+    def __init__(self, values):
+        self.values, self.k, self.rows = values, 0, []
+
+    def __call__(self, embeds, rows):
+        self.rows.append(list(rows))
+        out = torch.tensor([self.values[i][self.k] for i in rows]) + 0 * embeds.sum(dim=(1, 2))
+        self.k += 1
+        return out
+
+
+def test_a_flagged_prompt_stops_after_stop_streak_evaluations_in_a_row_under_the_target():
+    # tau 1, target 0.5 (values exact in float32). Prompt 0: 2 (flagged), 0.25 (under), 0.75 (over: the
+    # streak restarts), 0.375, 0.125, 0.0625. Prompt 1: 0.875, under tau at step 0: not flagged, never
+    # moves. Prompt 2: 3 then always over the target.
+    values = [[2.0, 0.25, 0.75, 0.375, 0.125, 0.0625], [0.875] * 6, [3.0, 0.875, 0.875, 0.875, 0.875, 0.875]]
+    cond = torch.randn(3, 4, 2)
+    mask = default_learnable(cond)
+    for streak, stop_step in ((1, 1), (2, 4), (3, 5)):
+        objective = ScriptedObjective(values)
+        cfg = MitigationConfig(tau=1.0, target=0.5, max_steps=5, stop_streak=streak).check()
+        out, records = descend(objective, cond, mask, cfg)
+        assert [r.flagged for r in records] == [True, False, True]
+        assert records[0].steps == stop_step and records[0].score_after == values[0][stop_step]
+        assert records[1].steps == 0 and torch.equal(out[1], cond[1])
+        assert records[2].steps == 5 and records[2].score_after == 0.875       # ran its budget
+        assert objective.rows[0] == [0, 1, 2] and all(r == [0, 2] for r in objective.rows[1:stop_step + 1])
 
 
 def test_bad_settings_are_rejected(planted):

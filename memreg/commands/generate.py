@@ -47,8 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "wen stops at its tau, as published)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images (seeds) per prompt")
     add_sampling_arguments(p, "--steps", seed_help="first seed; image j of prompt i uses SEED + i*N + j")
-    p.add_argument("--max-steps", type=int, default=10, help="optimisation step budget per prompt")
-    p.add_argument("--lr", type=finite_float, default=0.05, help="AdamW learning rate on the embedding")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="optimisation step budget per prompt (default: 20 for score, 10 for wen as published)")
+    p.add_argument("--lr", type=finite_float, default=None,
+                   help="AdamW learning rate on the embedding (default: 0.1 for score, 0.05 for wen as published)")
+    p.add_argument("--stop-streak", type=int, default=None,
+                   help="evaluations in a row at or below the target before a prompt stops (default: 2 for score, "
+                        "whose draws are fresh each step; 1 for wen, as published)")
     p.add_argument("--draws", type=int, default=4, help="pure-noise draws per prompt and step (score)")
     p.add_argument("--freeze-padding", action="store_true", help="move only the prompt's tokens and EOS, not padding")
     p.add_argument("--preset", choices=["sd1", "sd2"], default=None, help="score weights (default: sd2 for v-prediction models, else sd1; or --g1/--g2)")
@@ -62,8 +67,10 @@ def validate(args) -> None:
     for name in ("images_per_prompt", "steps", "batch_size", "draws"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps < 0 or not args.lr > 0:
+    if (args.max_steps is not None and args.max_steps < 0) or (args.lr is not None and not args.lr > 0):
         raise CommandError(f"need --max-steps >= 0 and --lr > 0, got {args.max_steps} and {args.lr}")
+    if args.stop_streak is not None and args.stop_streak < 1:
+        raise CommandError(f"--stop-streak must be >= 1, got {args.stop_streak}")
     if args.guidance_scale < 0:
         raise CommandError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if not 0 <= args.target_quantile <= args.tau_quantile <= 1:
@@ -91,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     comps = load_components(args.model, revision=args.revision, variant=args.variant, dtype=dtype, device=device)
     pipe = build_pipeline(comps)
-    config = MitigationConfig(mode=args.mitigate, tau=args.tau, target=args.target, max_steps=args.max_steps, lr=args.lr, draws=args.draws,
-                              g1=g1, g2=g2, num_inference_steps=args.steps, move_padding=not args.freeze_padding)
+    # check(): the mode's descent defaults filled in, so settings.json records the values used
+    config = MitigationConfig(mode=args.mitigate, tau=args.tau, target=args.target, max_steps=args.max_steps,
+                              lr=args.lr, stop_streak=args.stop_streak, draws=args.draws, g1=g1, g2=g2,
+                              num_inference_steps=args.steps,
+                              move_padding=not args.freeze_padding).check()
     if ordinary is not None:
         calibrate_config(pipe, ordinary, config, args.tau_quantile, args.target_quantile, batch_size=args.batch_size)
     n = args.images_per_prompt

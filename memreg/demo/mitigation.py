@@ -2,22 +2,22 @@
 
 For each mode (``none``, ``wen``, ``score``) the model generates for every duplicated caption
 (``images_per_caption`` seeds) and for held-out captions, with the same seeds in every mode. τ for
-``wen`` and ``score`` is the ``flag_quantile`` of their criterion over *training* scene captions that name
-no photo's coloured shape (the ordinary prompts; no held-out caption is used to set it). Reported per mode: copy rate of duplicated captions (Wilson
-interval), fraction of duplicated / held-out captions flagged, held-out adherence, and the time per
+``wen`` and ``score`` is the ``flag_quantile`` of their criterion over *training* scene captions that
+name no photo's coloured shape (the ordinary prompts; no held-out caption is used to set it).
+Reported per mode: copy rate of duplicated captions (Wilson interval), fraction of duplicated /
+held-out captions flagged, the share of flagged duplicated generations whose descent reached its
+stop (``reached_stop``), held-out adherence, the duplicated generations' adherence to their own
+caption (``dup_adherence``: what a mitigated image still shows of its prompt), and the time per
 prompt (mitigation + generation) relative to an unmitigated generation.
 
 ``score`` flags at the ``flag_quantile`` and descends to the ``target_quantile`` of the same
-calibration scores. Measured on the saved ``none`` fine-tunes of two data seeds (64 duplicated
-generations, 64 held-out captions): stopping at τ itself (0.95) left copy rates 0.36 (seed 0) and
-0.31 (seed 1) of 0.58 / 0.69; a target at the median 0.06 / 0.17; at the 25th percentile 0.06 /
-0.09. Flagging at 0.95 flagged 7.8% of seed 1's held-out captions, at 0.98 3.1% (a held-out set that
-still held partial wordings of the photos: README, "The held-out captions name no photo's coloured shape").
+calibration scores, with the library's descent defaults (``memreg.mitigate.DESCENT_DEFAULTS``). The
+measurements behind these choices are in the README ("Generate safely").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,8 +42,11 @@ class MitigationEvalSettings:
 
 
 def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldout: list[dict],
-                        ordinary_captions: list[str], s: MitigationEvalSettings) -> dict:
-    """Per-mode numbers (see module doc) for the model ``unet``."""
+                        ordinary_captions: list[str], s: MitigationEvalSettings,
+                        configs: dict[str, MitigationConfig] | None = None) -> dict:
+    """Per-mode numbers (see module doc) for the model ``unet``. ``configs``: name -> config to
+    measure instead of the three modes at their defaults (``scripts/bench_mitigation.py`` compares
+    descent settings so); unmitigated generation is measured first in any case, as the reference."""
     pipe = build_pipeline(components, unet)
     m = s.images_per_caption
     dup_prompts = [d["caption"] for d in memorized for _ in range(m)]
@@ -52,29 +55,39 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
     seeds = [s.seed + 70_000 + i for i in range(len(prompts))]
     refs = detector.embed([d["image"] for d in memorized])
     calib = ordinary_captions[:s.calibration_captions]
+    if configs is None:
+        configs = {mode: MitigationConfig(mode=mode) for mode in MODES if mode != "none"}
     out: dict[str, dict] = {}
-    for mode in MODES:
-        cfg = MitigationConfig(mode=mode, num_inference_steps=s.num_inference_steps)
-        if mode != "none":
+    for name, given in {"none": MitigationConfig(mode="none"), **configs}.items():
+        cfg = replace(given, num_inference_steps=s.num_inference_steps)
+        if cfg.mode != "none":
             calibrate_config(pipe, calib, cfg, s.flag_quantile, s.target_quantile,
                              seeds=[s.seed + 90_000 + i for i in range(len(calib))])
-        gen = generate_mitigated(components, prompts, seeds, mode, cfg, pipe=pipe, guidance_scale=s.guidance_scale,
+        cfg = cfg.check()     # the descent defaults of its mode filled in
+        gen = generate_mitigated(components, prompts, seeds, None, cfg, pipe=pipe, guidance_scale=s.guidance_scale,
                                  batch_size=32)
         dup_imgs, held_imgs = gen.images[:len(dup_prompts)], gen.images[len(dup_prompts):]
         sim = detector.similarity(detector.embed(dup_imgs), refs)
         own = np.array([float(sim[i, i // m]) for i in range(len(dup_imgs))])
         flags = np.array([r.flagged for r in gen.records], dtype=bool)
-        out[mode] = {
+        stop = cfg.tau if cfg.target is None else cfg.target
+        reached = [r.score_after <= stop for r in gen.records[:len(dup_prompts)] if r.flagged]
+        out[name] = {
+            "mode": cfg.mode,
             "tau": cfg.tau,
             "target": cfg.target,
+            "descent": None if cfg.mode == "none" else {"max_steps": cfg.max_steps, "lr": cfg.lr,
+                                                         "stop_streak": cfg.stop_streak},
             "copy_exact": rate(own > detector.threshold),
             "dup_flagged": float(flags[:len(dup_prompts)].mean()),
             "heldout_flagged": float(flags[len(dup_prompts):].mean()),
+            "reached_stop": float(np.mean(reached)) if reached else None,
             "adherence": mean_adherence(held_imgs, [h["named"] for h in held]),
+            "dup_adherence": mean_adherence(dup_imgs, [d["named"] for d in memorized for _ in range(m)]),
             "seconds_per_prompt": (gen.mitigation_seconds + gen.generation_seconds) / len(prompts),
         }
-    for mode in MODES:
-        out[mode]["time_x"] = out[mode]["seconds_per_prompt"] / out["none"]["seconds_per_prompt"]
+    for r in out.values():
+        r["time_x"] = r["seconds_per_prompt"] / out["none"]["seconds_per_prompt"]
     return out
 
 

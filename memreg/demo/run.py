@@ -381,7 +381,9 @@ def final_detection(run_dir: Path) -> dict:
     return out
 
 
-def _load_model(base: Path, run_dir: Path):
+def load_run_model(base: Path, run_dir: Path):
+    """The components of a demo run's saved model: a full fine-tune's own pipeline, or the base
+    with the run's LoRA merged in."""
     if (run_dir / "unet").is_dir():
         comps = load_components(str(run_dir))
     else:
@@ -607,7 +609,7 @@ def run_one(settings: dict, name: str, base: Path, data_root: Path, out: Path, t
         torch.set_num_threads(threads)
     logger.info("=== fine-tuning run %s ===", name)
     result, train_s = finetune(settings, name, base, data_root, out / "runs" / name)
-    comps = _load_model(base, out / "runs" / name)
+    comps = load_run_model(base, out / "runs" / name)
     train_images, memorized, heldout, _ = load_eval_inputs(data_root)
     ev = evaluate_model(comps, comps.unet, build_copy_detector("ssim"), memorized, train_images, heldout,
                         FinalEvalSettings(**settings["final"]))
@@ -623,7 +625,7 @@ def attack_one(settings: dict, name: str, base: Path, data_root: Path, out: Path
     if threads:
         torch.set_num_threads(threads)
     logger.info("=== extraction attack on run %s ===", name)
-    comps = _load_model(base, out / "runs" / name)
+    comps = load_run_model(base, out / "runs" / name)
     _, memorized, _, _ = load_eval_inputs(data_root)
     data_cfg = DemoDataConfig(**settings["data"])
     res = evaluate_attack(comps, build_copy_detector("ssim"), memorized, data_cfg.resolution, data_cfg.seed,
@@ -638,7 +640,7 @@ def mitigate_none(settings: dict, name: str, base: Path, data_root: Path, out: P
     if threads:
         torch.set_num_threads(threads)
     logger.info("=== inference-time mitigation on run %s ===", name)
-    comps = _load_model(base, out / "runs" / name)
+    comps = load_run_model(base, out / "runs" / name)
     _, memorized, heldout, scene_captions = load_eval_inputs(data_root)
     return evaluate_mitigation(comps, comps.unet, build_copy_detector("ssim"), memorized, heldout, scene_captions,
                                MitigationEvalSettings(**settings["mitigation"]))

@@ -9,6 +9,7 @@ import pytest
 
 from memreg.demo.run import (dominates, final_detection, load_settings, plain_run_of, ratio, run_demo, run_overrides,
                              targets, world_settings)
+from memreg.testing import load_script
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 RUN_FIELDS = {"copy_exact", "copy_paraphrase", "copy_paraphrase_by_variant", "copy_exact_by_caption",
@@ -286,3 +287,24 @@ def test_a_study_without_the_full_plain_run_checks_no_detection_and_no_adherence
                                            "settings": {"studies": {"penalty_curve": {"key": "guard.weight"}}}})]
     assert "lora_none memorizes: copy rate (exact) >= 0.3" in names
     assert not any("detection" in n or "follows held-out" in n for n in names)
+
+
+def test_bench_mitigation_measures_descents_on_the_demo_s_model(quick_demo, tmp_path, capsys):
+    """scripts/bench_mitigation.py on the quick demo's none: a 0-step descent flags what score flags
+    but moves nothing, so it copies exactly as often as unmitigated generation in the same run."""
+    out, results, _ = quick_demo
+    bench = load_script(Path(__file__).resolve().parents[2] / "scripts" / "bench_mitigation.py")
+    report = tmp_path / "mit.json"
+    assert bench.main(["--demo-out", str(out), "--descent", "0:0.1", "1:0.05:1", "--json", str(report)]) == 0
+    mit = json.loads(report.read_text())
+    assert list(mit) == ["none", "score 0:0.1", "score 1:0.05:1"] and mit["none"]["descent"] is None
+    assert mit["score 0:0.1"]["descent"] == {"max_steps": 0, "lr": 0.1, "stop_streak": 2}   # score's streak
+    assert mit["score 1:0.05:1"]["descent"] == {"max_steps": 1, "lr": 0.05, "stop_streak": 1}
+    assert mit["score 0:0.1"]["copy_exact"] == mit["none"]["copy_exact"]
+    assert mit["score 0:0.1"]["tau"] == mit["score 1:0.05:1"]["tau"]        # one calibration rule for both
+    assert "score 1:0.05:1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        bench.main(["--demo-out", str(out), "--descent", "20"])
+    assert bad.value.code == 2 and "MAX_STEPS:LR[:STREAK]" in capsys.readouterr().err
+    assert bench.main(["--demo-out", str(tmp_path), "--descent", "1:0.1"]) == 2
+    assert "no results.json" in capsys.readouterr().err
