@@ -99,8 +99,8 @@ class MitigationConfig:
     move_padding: bool = True
 
     def check(self) -> "MitigationConfig":
-        """The validated config, with max_steps and lr that were left unset filled in from the
-        mode's ``DESCENT_DEFAULTS`` (a copy: a config can be checked again for another mode)."""
+        """The validated config, with max_steps, lr and stop_streak that were left unset filled in
+        from the mode's ``DESCENT_DEFAULTS`` (a copy: a config can be checked again for another mode)."""
         if self.mode not in MODES:
             raise ValueError(f"mitigation mode must be one of {MODES}, got {self.mode!r}")
         steps, lr, streak = DESCENT_DEFAULTS[self.mode]
