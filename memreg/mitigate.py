@@ -118,6 +118,11 @@ class MitigationConfig:
             raise ValueError("give both g1 and g2, or neither")
         return done
 
+    @property
+    def stop(self) -> float | None:
+        """Where a flagged prompt's descent stops: ``target``, or ``tau`` where no target is set."""
+        return self.tau if self.target is None else self.target
+
 
 @dataclass
 class MitigationRecord:
@@ -259,8 +264,7 @@ def descend(objective, cond: Tensor, mask: Tensor,
     one stops once stop_streak evaluations in a row are at or below target, or at k == max_steps;
     the others take one AdamW step. ``config``: a checked MitigationConfig. The token embeddings
     move; a family's added conditioning (SDXL's pooled embedding and time ids) stays as encoded."""
-    b, tau = cond.shape[0], float(config.tau)
-    stop = tau if config.target is None else float(config.target)
+    b, tau, stop = cond.shape[0], float(config.tau), float(config.stop)
     template, cond = cond, embeds_of(cond)
     base = cond.detach().float()
     params = [base[i:i + 1].clone().requires_grad_(True) for i in range(b)]
@@ -276,8 +280,8 @@ def descend(objective, cond: Tensor, mask: Tensor,
             vals = values.detach().float().cpu().tolist()
             for j, i in enumerate(active):
                 streak[i] = streak[i] + 1 if k > 0 and vals[j] <= stop else 0
-            running = [vals[j] > tau if k == 0 else streak[i] < config.stop_streak for j, i in enumerate(active)]
-            keep = [j for j in range(len(active)) if running[j] and k < config.max_steps]
+            keep = [j for j, i in enumerate(active)
+                    if (vals[j] > tau if k == 0 else streak[i] < config.stop_streak) and k < config.max_steps]
             if keep:
                 grads = torch.autograd.grad(values[keep].sum(), [params[active[j]] for j in keep])
         for j, i in enumerate(active):

@@ -50,6 +50,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
     pipe = build_pipeline(components, unet)
     m = s.images_per_caption
     dup_prompts = [d["caption"] for d in memorized for _ in range(m)]
+    dup_named = [d["named"] for d in memorized for _ in range(m)]
     held = heldout[:s.heldout_captions]
     prompts = dup_prompts + [h["caption"] for h in held]
     seeds = [s.seed + 70_000 + i for i in range(len(prompts))]
@@ -70,8 +71,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
         sim = detector.similarity(detector.embed(dup_imgs), refs)
         own = np.array([float(sim[i, i // m]) for i in range(len(dup_imgs))])
         flags = np.array([r.flagged for r in gen.records], dtype=bool)
-        stop = cfg.tau if cfg.target is None else cfg.target
-        reached = [r.score_after <= stop for r in gen.records[:len(dup_prompts)] if r.flagged]
+        reached = [r.score_after <= cfg.stop for r in gen.records[:len(dup_prompts)] if r.flagged]
         out[name] = {
             "mode": cfg.mode,
             "tau": cfg.tau,
@@ -83,7 +83,7 @@ def evaluate_mitigation(components, unet, detector, memorized: list[dict], heldo
             "heldout_flagged": float(flags[len(dup_prompts):].mean()),
             "reached_stop": float(np.mean(reached)) if reached else None,
             "adherence": mean_adherence(held_imgs, [h["named"] for h in held]),
-            "dup_adherence": mean_adherence(dup_imgs, [d["named"] for d in memorized for _ in range(m)]),
+            "dup_adherence": mean_adherence(dup_imgs, dup_named),
             "seconds_per_prompt": (gen.mitigation_seconds + gen.generation_seconds) / len(prompts),
         }
     for r in out.values():
